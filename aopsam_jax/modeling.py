@@ -1,0 +1,491 @@
+"""SAM (Segment Anything, v1) in Flax NNX.
+
+Module structure and attribute names follow the official PyTorch code
+(`segment_anything/modeling/*.py`) so that `params.py` can map checkpoint keys
+one to one.  Layout is NHWC throughout; mask tensors are (B, M, H, W).
+
+Details that matter for numerical parity (all read from the official code):
+  * GELU is the exact erf form (`nn.GELU()`), never the tanh approximation.
+  * ViT LayerNorms and every LayerNorm2d use eps 1e-6; the two-way
+    transformer's `nn.LayerNorm`s use PyTorch's default 1e-5.
+  * Variance is computed as E[(x - mean)^2] (not E[x^2] - mean^2).
+  * In ViT attention the relative-position term uses the *unscaled* q.
+  * The first two-way block has no residual around its self-attention.
+  * ConvTranspose(k=2, s=2) has no overlapping taps, so it is written as an
+    einsum with an explicit (kh, kw, in, out) kernel: no kernel-flip trap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aopsam_jax.config import SamConfig
+
+Array = jax.Array
+
+
+def gelu(x: Array) -> Array:
+  return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+  """LayerNorm over the last axis, computed in float32 (two-pass variance)."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale + bias).astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over channels (= official LayerNorm and LayerNorm2d in NHWC)."""
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype, use_bias: bool = True) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs)
+
+
+class UpConv2x2(nnx.Module):
+  """ConvTranspose2d(kernel=2, stride=2): every input pixel writes its own 2x2 block."""
+
+  def __init__(self, din: int, dout: int, rngs: nnx.Rngs, dtype=None):
+    init = nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (2, 2, din, dout), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, _ = x.shape
+    k = self.kernel[...]
+    if self.dtype is not None:
+      x, k = x.astype(self.dtype), k.astype(self.dtype)
+    y = jnp.einsum("bhwc,ijco->bhiwjo", x, k)
+    y = y.reshape(b, 2 * h, 2 * w, k.shape[-1])
+    return y + self.bias[...].astype(y.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Image encoder
+# ----------------------------------------------------------------------------
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: Array) -> Array:
+  """Relative position embeddings indexed by (query, key) position: (q, k, C)."""
+  max_rel_dist = int(2 * max(q_size, k_size) - 1)
+  if rel_pos.shape[0] != max_rel_dist:
+    # Official: F.interpolate(mode="linear", align_corners=False); for an
+    # upsampling factor that is jax.image.resize's half-pixel linear kernel.
+    rel_pos = jax.image.resize(
+        rel_pos, (max_rel_dist, rel_pos.shape[1]), method="linear", antialias=False)
+  q_coords = jnp.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+  k_coords = jnp.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+  rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+  return rel_pos[rel.astype(jnp.int32)]
+
+
+class EncoderAttention(nnx.Module):
+  """Multi-head attention with decomposed relative positions (MViTv2)."""
+
+  def __init__(self, dim: int, num_heads: int, input_size: Tuple[int, int], rngs: nnx.Rngs,
+               dtype=None):
+    self.num_heads = num_heads
+    head_dim = dim // num_heads
+    self.scale = head_dim**-0.5
+    self.qkv = _linear(dim, 3 * dim, rngs, dtype)
+    self.proj = _linear(dim, dim, rngs, dtype)
+    self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim), jnp.float32))
+    self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim), jnp.float32))
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    nh = self.num_heads
+    qkv = self.qkv(x).reshape(b, h, w, 3, nh, c // nh)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, H, W, nh, hd)
+    attn = jnp.einsum("byxnd,bkjnd->bnyxkj", q * jnp.asarray(self.scale, q.dtype), k)
+    rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)  # (H, H, hd)
+    rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)  # (W, W, hd)
+    rel_h = jnp.einsum("byxnd,ykd->bnyxk", q, rh)
+    rel_w = jnp.einsum("byxnd,xkd->bnyxk", q, rw)
+    attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
+    attn = attn.reshape(b, nh, h * w, h * w)
+    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bnqk,bknd->bqnd", attn, v.reshape(b, h * w, nh, c // nh))
+    return self.proj(out.reshape(b, h, w, c))
+
+
+def window_partition(x: Array, window: int) -> Tuple[Array, Tuple[int, int]]:
+  b, h, w, c = x.shape
+  pad_h = (window - h % window) % window
+  pad_w = (window - w % window) % window
+  x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  hp, wp = h + pad_h, w + pad_w
+  x = x.reshape(b, hp // window, window, wp // window, window, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(windows: Array, window: int, pad_hw: Tuple[int, int],
+                       hw: Tuple[int, int]) -> Array:
+  hp, wp = pad_hw
+  h, w = hw
+  b = windows.shape[0] // ((hp // window) * (wp // window))
+  x = windows.reshape(b, hp // window, wp // window, window, window, -1)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+  return x[:, :h, :w, :]
+
+
+class EncoderMLP(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=None):
+    self.lin1 = _linear(dim, hidden, rngs, dtype)
+    self.lin2 = _linear(hidden, dim, rngs, dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.lin2(gelu(self.lin1(x)))
+
+
+class EncoderBlock(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int,
+               input_size: Tuple[int, int], rngs: nnx.Rngs, dtype=None):
+    self.norm1 = LayerNorm(dim, 1e-6)
+    attn_size = input_size if window_size == 0 else (window_size, window_size)
+    self.attn = EncoderAttention(dim, num_heads, attn_size, rngs, dtype)
+    self.norm2 = LayerNorm(dim, 1e-6)
+    self.mlp = EncoderMLP(dim, int(dim * mlp_ratio), rngs, dtype)
+    self.window_size = window_size
+
+  def __call__(self, x: Array) -> Array:
+    shortcut = x
+    x = self.norm1(x)
+    if self.window_size > 0:
+      h, w = x.shape[1], x.shape[2]
+      x, pad_hw = window_partition(x, self.window_size)
+      x = window_unpartition(self.attn(x), self.window_size, pad_hw, (h, w))
+    else:
+      x = self.attn(x)
+    x = shortcut + x
+    return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoderViT(nnx.Module):
+
+  def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None):
+    dim = cfg.encoder_embed_dim
+    grid = cfg.embed_size
+    self.dtype = dtype
+    self.patch_embed = nnx.Conv(3, dim, (cfg.patch_size, cfg.patch_size),
+                                strides=(cfg.patch_size, cfg.patch_size), padding="VALID",
+                                dtype=dtype, rngs=rngs)
+    self.pos_embed = nnx.Param(jnp.zeros((1, grid, grid, dim), jnp.float32))
+    self.blocks = nnx.List([
+        EncoderBlock(dim, cfg.encoder_num_heads, cfg.mlp_ratio,
+                     0 if i in cfg.encoder_global_attn_indexes else cfg.window_size,
+                     (grid, grid), rngs, dtype)
+        for i in range(cfg.encoder_depth)
+    ])
+    out = cfg.prompt_embed_dim
+    self.neck_conv1 = nnx.Conv(dim, out, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+    self.neck_ln1 = LayerNorm(out, 1e-6)
+    self.neck_conv2 = nnx.Conv(out, out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                               dtype=dtype, rngs=rngs)
+    self.neck_ln2 = LayerNorm(out, 1e-6)
+
+  def __call__(self, x: Array) -> Array:
+    """(B, S, S, 3) normalised, padded image -> (B, S/16, S/16, 256) float32."""
+    x = self.patch_embed(x)
+    x = x + self.pos_embed[...].astype(x.dtype)
+    for blk in self.blocks:
+      x = blk(x)
+    x = self.neck_ln1(self.neck_conv1(x))
+    x = self.neck_ln2(self.neck_conv2(x))
+    return x.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Prompt encoder
+# ----------------------------------------------------------------------------
+
+
+class PromptEncoder(nnx.Module):
+  """Static-shape prompt encoder.
+
+  Points and box corners arrive as one (B, N, 2) coordinate array with labels:
+  -1 = padding ("not a point"), 0 = negative, 1 = positive, 2 = box top-left,
+  3 = box bottom-right (the formulation of the official `SamOnnxModel`).
+  The caller is responsible for the official token order: points, then the
+  (0, 0)/-1 padding point when there is no box, then box corners
+  (`aopsam_jax.prompts.build_sparse_prompts` does that).
+  """
+
+  def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None):
+    d = cfg.prompt_embed_dim
+    self.embed_dim = d
+    self.input_size = cfg.img_size
+    self.embed_size = cfg.embed_size
+    normal = nnx.initializers.normal(1.0)
+    # Random Fourier features; a buffer in PyTorch, but saved in the checkpoint.
+    self.pe_gaussian = nnx.Param(normal(rngs.params(), (2, d // 2), jnp.float32))
+    self.point_embeddings = nnx.Param(normal(rngs.params(), (4, d), jnp.float32))
+    self.not_a_point_embed = nnx.Param(normal(rngs.params(), (1, d), jnp.float32))
+    self.no_mask_embed = nnx.Param(normal(rngs.params(), (1, d), jnp.float32))
+    c = cfg.mask_in_chans
+    self.mask_conv1 = nnx.Conv(1, c // 4, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
+                               rngs=rngs)
+    self.mask_ln1 = LayerNorm(c // 4, 1e-6)
+    self.mask_conv2 = nnx.Conv(c // 4, c, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
+                               rngs=rngs)
+    self.mask_ln2 = LayerNorm(c, 1e-6)
+    self.mask_conv3 = nnx.Conv(c, d, (1, 1), dtype=dtype, rngs=rngs)
+
+  def _pe_encoding(self, coords01: Array) -> Array:
+    coords = 2.0 * coords01 - 1.0
+    coords = coords @ self.pe_gaussian[...]
+    coords = 2.0 * math.pi * coords
+    return jnp.concatenate([jnp.sin(coords), jnp.cos(coords)], axis=-1)
+
+  def get_dense_pe(self) -> Array:
+    """(S/16, S/16, 256) positional encoding of the embedding grid."""
+    n = self.embed_size
+    centres = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n
+    yy, xx = jnp.meshgrid(centres, centres, indexing="ij")
+    return self._pe_encoding(jnp.stack([xx, yy], axis=-1))
+
+  def embed_sparse(self, coords: Array, labels: Array) -> Array:
+    """(B, N, 2) xy in the padded input frame, (B, N) int labels -> (B, N, 256)."""
+    coords = (coords.astype(jnp.float32) + 0.5) / self.input_size
+    pe = self._pe_encoding(coords)
+    labels = labels.astype(jnp.int32)[..., None]
+    pe = jnp.where(labels == -1, 0.0, pe)
+    table = self.point_embeddings[...]
+    pe = pe + jnp.where(labels == -1, self.not_a_point_embed[...][0], 0.0)
+    for i in range(4):
+      pe = pe + jnp.where(labels == i, table[i], 0.0)
+    return pe
+
+  def embed_mask(self, masks: Array) -> Array:
+    """(B, 4S/16, 4S/16) low-res mask logits -> (B, S/16, S/16, 256)."""
+    x = masks[..., None].astype(jnp.float32)
+    x = gelu(self.mask_ln1(self.mask_conv1(x)))
+    x = gelu(self.mask_ln2(self.mask_conv2(x)))
+    return self.mask_conv3(x).astype(jnp.float32)
+
+  def no_mask_dense(self, batch: int) -> Array:
+    n = self.embed_size
+    return jnp.broadcast_to(self.no_mask_embed[...][0], (batch, n, n, self.embed_dim))
+
+
+# ----------------------------------------------------------------------------
+# Mask decoder
+# ----------------------------------------------------------------------------
+
+
+class DecoderAttention(nnx.Module):
+  """Attention with optional down-projection of q/k/v (official `transformer.Attention`)."""
+
+  def __init__(self, dim: int, num_heads: int, downsample_rate: int, rngs: nnx.Rngs, dtype=None):
+    internal = dim // downsample_rate
+    assert internal % num_heads == 0, "num_heads must divide the internal dim"
+    self.num_heads = num_heads
+    self.q_proj = _linear(dim, internal, rngs, dtype)
+    self.k_proj = _linear(dim, internal, rngs, dtype)
+    self.v_proj = _linear(dim, internal, rngs, dtype)
+    self.out_proj = _linear(internal, dim, rngs, dtype)
+
+  def __call__(self, q: Array, k: Array, v: Array) -> Array:
+    q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+    b, nq, c = q.shape
+    nh = self.num_heads
+    q = q.reshape(b, nq, nh, c // nh)
+    k = k.reshape(b, k.shape[1], nh, c // nh)
+    v = v.reshape(b, v.shape[1], nh, c // nh)
+    attn = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.asarray(math.sqrt(c // nh), q.dtype)
+    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bnqk,bknd->bqnd", attn, v).reshape(b, nq, c)
+    return self.out_proj(out)
+
+
+class DecoderMLPBlock(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=None):
+    self.lin1 = _linear(dim, hidden, rngs, dtype)
+    self.lin2 = _linear(hidden, dim, rngs, dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.lin2(jax.nn.relu(self.lin1(x)))
+
+
+class TwoWayAttentionBlock(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample: int,
+               skip_first_layer_pe: bool, rngs: nnx.Rngs, dtype=None):
+    self.self_attn = DecoderAttention(dim, num_heads, 1, rngs, dtype)
+    self.norm1 = LayerNorm(dim, 1e-5)
+    self.cross_attn_token_to_image = DecoderAttention(dim, num_heads, downsample, rngs, dtype)
+    self.norm2 = LayerNorm(dim, 1e-5)
+    self.mlp = DecoderMLPBlock(dim, mlp_dim, rngs, dtype)
+    self.norm3 = LayerNorm(dim, 1e-5)
+    self.norm4 = LayerNorm(dim, 1e-5)
+    self.cross_attn_image_to_token = DecoderAttention(dim, num_heads, downsample, rngs, dtype)
+    self.skip_first_layer_pe = skip_first_layer_pe
+
+  def __call__(self, queries, keys, query_pe, key_pe):
+    if self.skip_first_layer_pe:
+      queries = self.self_attn(queries, queries, queries)
+    else:
+      q = queries + query_pe
+      queries = queries + self.self_attn(q, q, queries)
+    queries = self.norm1(queries)
+    q = queries + query_pe
+    k = keys + key_pe
+    queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+    queries = self.norm3(queries + self.mlp(queries))
+    q = queries + query_pe
+    k = keys + key_pe
+    keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+    return queries, keys
+
+
+class TwoWayTransformer(nnx.Module):
+
+  def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None):
+    d = cfg.prompt_embed_dim
+    self.layers = nnx.List([
+        TwoWayAttentionBlock(d, cfg.decoder_num_heads, cfg.decoder_mlp_dim, 2, i == 0, rngs, dtype)
+        for i in range(cfg.decoder_depth)
+    ])
+    self.final_attn_token_to_image = DecoderAttention(d, cfg.decoder_num_heads, 2, rngs, dtype)
+    self.norm_final_attn = LayerNorm(d, 1e-5)
+
+  def __call__(self, image_embedding: Array, image_pe: Array, point_embedding: Array):
+    b, h, w, c = image_embedding.shape
+    keys = image_embedding.reshape(b, h * w, c)
+    key_pe = image_pe.reshape(image_pe.shape[0], h * w, c)
+    queries = point_embedding
+    for layer in self.layers:
+      queries, keys = layer(queries, keys, point_embedding, key_pe)
+    q = queries + point_embedding
+    k = keys + key_pe
+    queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+    return queries, keys
+
+
+class MLP(nnx.Module):
+  """ReLU MLP of the decoder heads (official `mask_decoder.MLP`)."""
+
+  def __init__(self, din: int, hidden: int, dout: int, num_layers: int, rngs: nnx.Rngs,
+               dtype=None):
+    dims = [din] + [hidden] * (num_layers - 1) + [dout]
+    self.layers = nnx.List([_linear(a, b, rngs, dtype) for a, b in zip(dims[:-1], dims[1:])])
+
+  def __call__(self, x: Array) -> Array:
+    n = len(self.layers)
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < n - 1:
+        x = jax.nn.relu(x)
+    return x
+
+
+class MaskDecoder(nnx.Module):
+
+  def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None):
+    d = cfg.prompt_embed_dim
+    self.num_mask_tokens = cfg.num_multimask_outputs + 1
+    normal = nnx.initializers.normal(1.0)
+    self.transformer = TwoWayTransformer(cfg, rngs, dtype)
+    self.iou_token = nnx.Param(normal(rngs.params(), (1, d), jnp.float32))
+    self.mask_tokens = nnx.Param(normal(rngs.params(), (self.num_mask_tokens, d), jnp.float32))
+    self.upscale_conv1 = UpConv2x2(d, d // 4, rngs, dtype)
+    self.upscale_ln = LayerNorm(d // 4, 1e-6)
+    self.upscale_conv2 = UpConv2x2(d // 4, d // 8, rngs, dtype)
+    self.output_hypernetworks_mlps = nnx.List(
+        [MLP(d, d, d // 8, 3, rngs, dtype) for _ in range(self.num_mask_tokens)])
+    self.iou_prediction_head = MLP(d, cfg.iou_head_hidden_dim, self.num_mask_tokens,
+                                   cfg.iou_head_depth, rngs, dtype)
+
+  def predict_masks(self, image_embeddings: Array, image_pe: Array, sparse: Array,
+                    dense: Array) -> Tuple[Array, Array]:
+    """All mask tokens: (B, 4, 4h, 4w) logits and (B, 4) IoU predictions."""
+    b = sparse.shape[0]
+    out_tokens = jnp.concatenate([self.iou_token[...], self.mask_tokens[...]], axis=0)
+    tokens = jnp.concatenate(
+        [jnp.broadcast_to(out_tokens, (b,) + out_tokens.shape), sparse.astype(jnp.float32)], axis=1)
+    # One image embedding per prompt (the official repeat_interleave); a
+    # single embedding is broadcast over the prompt batch.
+    src = jnp.broadcast_to(image_embeddings, (b,) + image_embeddings.shape[1:]) + dense
+    pos = image_pe[None] if image_pe.ndim == 3 else image_pe
+    _, h, w, c = src.shape
+    hs, src = self.transformer(src, pos, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
+    src = src.reshape(b, h, w, c)
+    up = gelu(self.upscale_ln(self.upscale_conv1(src)))
+    up = gelu(self.upscale_conv2(up))
+    hyper_in = jnp.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+        axis=1)
+    masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(up.dtype), up)
+    iou_pred = self.iou_prediction_head(iou_token_out)
+    return masks.astype(jnp.float32), iou_pred.astype(jnp.float32)
+
+  def __call__(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool):
+    masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense)
+    sl = slice(1, None) if multimask_output else slice(0, 1)
+    return masks[:, sl], iou[:, sl]
+
+
+# ----------------------------------------------------------------------------
+# The whole model
+# ----------------------------------------------------------------------------
+
+
+class Sam(nnx.Module):
+  """Image encoder + prompt encoder + mask decoder.
+
+  `dtype` is the compute dtype of matmuls and convolutions (None = float32);
+  parameters stay float32, LayerNorm and softmax run in float32.
+  """
+
+  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None):
+    self.config = cfg
+    self.image_encoder = ImageEncoderViT(cfg, rngs, dtype)
+    self.prompt_encoder = PromptEncoder(cfg, rngs, dtype)
+    self.mask_decoder = MaskDecoder(cfg, rngs, dtype)
+
+  def encode_image(self, pixels: Array) -> Array:
+    return self.image_encoder(pixels)
+
+  def decode(self, image_embeddings: Array, coords: Array, labels: Array,
+             mask_input: Optional[Array] = None, multimask_output: bool = True
+             ) -> Tuple[Array, Array]:
+    """Prompts on one image embedding (or one per prompt) -> low-res logits, IoU.
+
+    image_embeddings: (1 or B, h, w, 256); coords (B, N, 2) in the padded
+    input frame; labels (B, N); mask_input (B, 4h, 4w) logits or None.
+    """
+    pe = self.prompt_encoder
+    sparse = pe.embed_sparse(coords, labels)
+    if mask_input is None:
+      dense = pe.no_mask_dense(coords.shape[0])
+    else:
+      dense = pe.embed_mask(mask_input)
+    return self.mask_decoder(image_embeddings, pe.get_dense_pe(), sparse, dense,
+                             multimask_output)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

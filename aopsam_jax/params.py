@@ -1,0 +1,371 @@
+"""Checkpoint key mapping and the converted-weights file format.
+
+Official SAM `.pth` keys are mapped to Flax parameter paths by a regex table
+(bonsai style).  Hugging Face `transformers` SamModel names are first rewritten
+to the official names (`hf_to_official_key`), so both layouts share one table.
+
+A converted file is a safetensors file whose tensors are named by Flax path
+(`image_encoder.blocks.0.attn.qkv.kernel`) and whose metadata holds the
+`SamConfig` as JSON under "sam_config".  Loading it needs no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aopsam_jax.config import SAM_CONFIGS, SamConfig
+from aopsam_jax.modeling import Sam
+
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be converted or loaded; the message says why."""
+
+
+# --- tensor transforms (torch layout -> Flax layout) -------------------------
+
+
+def _ident(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def _linear_t(x: np.ndarray) -> np.ndarray:  # (out, in) -> (in, out)
+  return x.T
+
+
+def _conv_t(x: np.ndarray) -> np.ndarray:  # (O, I, kh, kw) -> (kh, kw, I, O)
+  return x.transpose(2, 3, 1, 0)
+
+
+def _convtr_t(x: np.ndarray) -> np.ndarray:  # ConvTranspose (I, O, kh, kw) -> (kh, kw, I, O)
+  return x.transpose(2, 3, 0, 1)
+
+
+# (official-key regex, Flax-path template, transform).  Order does not matter:
+# every pattern is anchored and they are mutually exclusive.
+_E = r"image_encoder\."
+_P = r"prompt_encoder\."
+_D = r"mask_decoder\."
+KEY_TABLE: List[Tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+    (_E + r"patch_embed\.proj\.weight", "image_encoder.patch_embed.kernel", _conv_t),
+    (_E + r"patch_embed\.proj\.bias", "image_encoder.patch_embed.bias", _ident),
+    (_E + r"pos_embed", "image_encoder.pos_embed", _ident),
+    (_E + r"blocks\.(\d+)\.norm([12])\.weight", r"image_encoder.blocks.\1.norm\2.scale", _ident),
+    (_E + r"blocks\.(\d+)\.norm([12])\.bias", r"image_encoder.blocks.\1.norm\2.bias", _ident),
+    (_E + r"blocks\.(\d+)\.attn\.(qkv|proj)\.weight", r"image_encoder.blocks.\1.attn.\2.kernel",
+     _linear_t),
+    (_E + r"blocks\.(\d+)\.attn\.(qkv|proj)\.bias", r"image_encoder.blocks.\1.attn.\2.bias", _ident),
+    (_E + r"blocks\.(\d+)\.attn\.(rel_pos_[hw])", r"image_encoder.blocks.\1.attn.\2", _ident),
+    (_E + r"blocks\.(\d+)\.mlp\.(lin[12])\.weight", r"image_encoder.blocks.\1.mlp.\2.kernel",
+     _linear_t),
+    (_E + r"blocks\.(\d+)\.mlp\.(lin[12])\.bias", r"image_encoder.blocks.\1.mlp.\2.bias", _ident),
+    (_E + r"neck\.0\.weight", "image_encoder.neck_conv1.kernel", _conv_t),
+    (_E + r"neck\.1\.weight", "image_encoder.neck_ln1.scale", _ident),
+    (_E + r"neck\.1\.bias", "image_encoder.neck_ln1.bias", _ident),
+    (_E + r"neck\.2\.weight", "image_encoder.neck_conv2.kernel", _conv_t),
+    (_E + r"neck\.3\.weight", "image_encoder.neck_ln2.scale", _ident),
+    (_E + r"neck\.3\.bias", "image_encoder.neck_ln2.bias", _ident),
+    (_P + r"pe_layer\.positional_encoding_gaussian_matrix", "prompt_encoder.pe_gaussian", _ident),
+    # The four (1, 256) point embeddings become rows of one (4, 256) table;
+    # "@row" tells `convert_state_dict` which row.
+    (_P + r"point_embeddings\.(\d)\.weight", r"prompt_encoder.point_embeddings@\1", _ident),
+    (_P + r"not_a_point_embed\.weight", "prompt_encoder.not_a_point_embed", _ident),
+    (_P + r"no_mask_embed\.weight", "prompt_encoder.no_mask_embed", _ident),
+    (_P + r"mask_downscaling\.0\.weight", "prompt_encoder.mask_conv1.kernel", _conv_t),
+    (_P + r"mask_downscaling\.0\.bias", "prompt_encoder.mask_conv1.bias", _ident),
+    (_P + r"mask_downscaling\.1\.weight", "prompt_encoder.mask_ln1.scale", _ident),
+    (_P + r"mask_downscaling\.1\.bias", "prompt_encoder.mask_ln1.bias", _ident),
+    (_P + r"mask_downscaling\.3\.weight", "prompt_encoder.mask_conv2.kernel", _conv_t),
+    (_P + r"mask_downscaling\.3\.bias", "prompt_encoder.mask_conv2.bias", _ident),
+    (_P + r"mask_downscaling\.4\.weight", "prompt_encoder.mask_ln2.scale", _ident),
+    (_P + r"mask_downscaling\.4\.bias", "prompt_encoder.mask_ln2.bias", _ident),
+    (_P + r"mask_downscaling\.6\.weight", "prompt_encoder.mask_conv3.kernel", _conv_t),
+    (_P + r"mask_downscaling\.6\.bias", "prompt_encoder.mask_conv3.bias", _ident),
+    (_D + r"transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|"
+     r"cross_attn_image_to_token)\.(q_proj|k_proj|v_proj|out_proj)\.weight",
+     r"mask_decoder.transformer.layers.\1.\2.\3.kernel", _linear_t),
+    (_D + r"transformer\.layers\.(\d+)\.(self_attn|cross_attn_token_to_image|"
+     r"cross_attn_image_to_token)\.(q_proj|k_proj|v_proj|out_proj)\.bias",
+     r"mask_decoder.transformer.layers.\1.\2.\3.bias", _ident),
+    (_D + r"transformer\.layers\.(\d+)\.(norm[1-4])\.weight",
+     r"mask_decoder.transformer.layers.\1.\2.scale", _ident),
+    (_D + r"transformer\.layers\.(\d+)\.(norm[1-4])\.bias",
+     r"mask_decoder.transformer.layers.\1.\2.bias", _ident),
+    (_D + r"transformer\.layers\.(\d+)\.mlp\.(lin[12])\.weight",
+     r"mask_decoder.transformer.layers.\1.mlp.\2.kernel", _linear_t),
+    (_D + r"transformer\.layers\.(\d+)\.mlp\.(lin[12])\.bias",
+     r"mask_decoder.transformer.layers.\1.mlp.\2.bias", _ident),
+    (_D + r"transformer\.final_attn_token_to_image\.(q_proj|k_proj|v_proj|out_proj)\.weight",
+     r"mask_decoder.transformer.final_attn_token_to_image.\1.kernel", _linear_t),
+    (_D + r"transformer\.final_attn_token_to_image\.(q_proj|k_proj|v_proj|out_proj)\.bias",
+     r"mask_decoder.transformer.final_attn_token_to_image.\1.bias", _ident),
+    (_D + r"transformer\.norm_final_attn\.weight", "mask_decoder.transformer.norm_final_attn.scale",
+     _ident),
+    (_D + r"transformer\.norm_final_attn\.bias", "mask_decoder.transformer.norm_final_attn.bias",
+     _ident),
+    (_D + r"iou_token\.weight", "mask_decoder.iou_token", _ident),
+    (_D + r"mask_tokens\.weight", "mask_decoder.mask_tokens", _ident),
+    (_D + r"output_upscaling\.0\.weight", "mask_decoder.upscale_conv1.kernel", _convtr_t),
+    (_D + r"output_upscaling\.0\.bias", "mask_decoder.upscale_conv1.bias", _ident),
+    (_D + r"output_upscaling\.1\.weight", "mask_decoder.upscale_ln.scale", _ident),
+    (_D + r"output_upscaling\.1\.bias", "mask_decoder.upscale_ln.bias", _ident),
+    (_D + r"output_upscaling\.3\.weight", "mask_decoder.upscale_conv2.kernel", _convtr_t),
+    (_D + r"output_upscaling\.3\.bias", "mask_decoder.upscale_conv2.bias", _ident),
+    (_D + r"(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.(\d+)\.weight",
+     r"mask_decoder.\1.layers.\2.kernel", _linear_t),
+    (_D + r"(output_hypernetworks_mlps\.\d+|iou_prediction_head)\.layers\.(\d+)\.bias",
+     r"mask_decoder.\1.layers.\2.bias", _ident),
+]
+_COMPILED = [(re.compile(p + r"\Z"), t, f) for p, t, f in KEY_TABLE]
+
+# Keys that may appear in a checkpoint but carry no parameters.
+IGNORED_KEYS = ("pixel_mean", "pixel_std")
+
+
+def map_key(key: str) -> Optional[Tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+  """Official checkpoint key -> (Flax path, transform), or None if unknown."""
+  for rx, tmpl, fn in _COMPILED:
+    m = rx.match(key)
+    if m:
+      return m.expand(tmpl), fn
+  return None
+
+
+# --- Hugging Face transformers naming ----------------------------------------
+
+# Ordered (regex, replacement) pairs turning a `facebook/sam-vit-*` key into the
+# official one (inverse of transformers' convert_sam_to_hf.py mapping).
+_HF_RULES: List[Tuple[str, str]] = [
+    (r"^vision_encoder\.", "image_encoder."),
+    (r"^image_encoder\.layers\.", "image_encoder.blocks."),
+    (r"^image_encoder\.patch_embed\.projection\.", "image_encoder.patch_embed.proj."),
+    (r"^image_encoder\.neck\.conv1\.", "image_encoder.neck.0."),
+    (r"^image_encoder\.neck\.layer_norm1\.", "image_encoder.neck.1."),
+    (r"^image_encoder\.neck\.conv2\.", "image_encoder.neck.2."),
+    (r"^image_encoder\.neck\.layer_norm2\.", "image_encoder.neck.3."),
+    (r"^prompt_encoder\.mask_embed\.conv1\.", "prompt_encoder.mask_downscaling.0."),
+    (r"^prompt_encoder\.mask_embed\.layer_norm1\.", "prompt_encoder.mask_downscaling.1."),
+    (r"^prompt_encoder\.mask_embed\.conv2\.", "prompt_encoder.mask_downscaling.3."),
+    (r"^prompt_encoder\.mask_embed\.layer_norm2\.", "prompt_encoder.mask_downscaling.4."),
+    (r"^prompt_encoder\.mask_embed\.conv3\.", "prompt_encoder.mask_downscaling.6."),
+    (r"^prompt_encoder\.point_embed\.(\d)\.", r"prompt_encoder.point_embeddings.\1."),
+    (r"^prompt_encoder\.shared_embedding\.positional_embedding$",
+     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (r"^shared_image_embedding\.positional_embedding$",
+     "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (r"^mask_decoder\.upscale_conv1\.", "mask_decoder.output_upscaling.0."),
+    (r"^mask_decoder\.upscale_layer_norm\.", "mask_decoder.output_upscaling.1."),
+    (r"^mask_decoder\.upscale_conv2\.", "mask_decoder.output_upscaling.3."),
+    (r"\.proj_in\.", ".layers.0X."),  # placeholders so layers.0 -> layers.1 does not cascade
+    (r"\.layers\.0\.(weight|bias)$", r".layers.1X.\1"),
+    (r"\.proj_out\.", ".layers.2X."),
+    (r"\.layers\.(\d)X\.", r".layers.\1."),
+    (r"\.layer_norm_final_attn\.", ".norm_final_attn."),
+    (r"\.layer_norm(\d)\.", r".norm\1."),
+]
+_HF_COMPILED = [(re.compile(p), r) for p, r in _HF_RULES]
+
+
+def is_hf_layout(keys: Iterable[str]) -> bool:
+  return any(k.startswith("vision_encoder.") for k in keys)
+
+
+def hf_to_official_key(key: str) -> str:
+  for rx, rep in _HF_COMPILED:
+    key = rx.sub(rep, key)
+  return key
+
+
+def hf_to_official(sd: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Rename a transformers SamModel state dict to official keys.
+
+  The tied positional matrix may appear twice (shared_image_embedding and
+  prompt_encoder.shared_embedding): the copies must agree.  A stacked
+  `prompt_encoder.point_embed.weight` (4, 256) is split into rows.
+  """
+  out: Dict[str, np.ndarray] = {}
+  for k, v in sd.items():
+    if k == "prompt_encoder.point_embed.weight" and np.ndim(v) == 2:
+      for i in range(v.shape[0]):
+        out[f"prompt_encoder.point_embeddings.{i}.weight"] = v[i:i + 1]
+      continue
+    nk = hf_to_official_key(k)
+    if nk in out:
+      if not np.array_equal(out[nk], v):
+        raise CheckpointError(f"tied tensors disagree for {nk!r} (from {k!r})")
+      continue
+    out[nk] = v
+  return out
+
+
+# --- model construction and config detection --------------------------------
+
+
+def abstract_model(cfg: SamConfig) -> Sam:
+  return nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
+
+
+def flat_param_shapes(cfg: SamConfig) -> Dict[str, Tuple[int, ...]]:
+  state = nnx.state(abstract_model(cfg), nnx.Param)
+  return {".".join(str(p) for p in path): tuple(v.shape)
+          for path, v in nnx.to_flat_state(state)}
+
+
+def detect_config(sd: Mapping[str, np.ndarray]) -> SamConfig:
+  """Infer vit_b / vit_l / vit_h (or a custom size) from official-layout shapes."""
+  try:
+    dim = int(sd["image_encoder.patch_embed.proj.weight"].shape[0])
+    pos = sd["image_encoder.pos_embed"].shape
+  except KeyError as e:
+    raise CheckpointError(f"not a SAM checkpoint: missing {e.args[0]!r}") from None
+  depth = 1 + max(int(m.group(1)) for k in sd
+                  for m in [re.match(r"image_encoder\.blocks\.(\d+)\.", k)] if m)
+  head_dim = int(sd["image_encoder.blocks.0.attn.rel_pos_h"].shape[1])
+  grid = int(pos[1])
+  global_idx = tuple(i for i in range(depth)
+                     if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * grid - 1)
+  for name, cfg in SAM_CONFIGS.items():
+    if (cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_global_attn_indexes,
+        cfg.embed_size) == (dim, depth, global_idx, grid) and \
+        dim // cfg.encoder_num_heads == head_dim:
+      return cfg
+  base = SamConfig()
+  return SamConfig(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
+                   encoder_global_attn_indexes=global_idx, img_size=grid * base.patch_size)
+
+
+def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = None
+                       ) -> Tuple[SamConfig, Dict[str, np.ndarray]]:
+  """Official or HF state dict (numpy values) -> (config, flat Flax params).
+
+  Every key must be used and every parameter filled with the right shape;
+  otherwise a CheckpointError lists the offending keys.
+  """
+  sd = {k: np.asarray(v) for k, v in sd.items()}
+  if is_hf_layout(sd):
+    sd = hf_to_official(sd)
+  cfg = cfg or detect_config(sd)
+  expected = flat_param_shapes(cfg)
+  out: Dict[str, np.ndarray] = {}
+  rows: Dict[str, Dict[int, np.ndarray]] = {}
+  unexpected, bad_shape = [], []
+  for key, value in sd.items():
+    if key.split(".")[-1] in IGNORED_KEYS:
+      continue
+    hit = map_key(key)
+    if hit is None:
+      unexpected.append(key)
+      continue
+    path, fn = hit
+    value = np.ascontiguousarray(fn(value.astype(np.float32)))
+    if "@" in path:
+      path, row = path.split("@")
+      rows.setdefault(path, {})[int(row)] = value
+      continue
+    if path not in expected:
+      unexpected.append(key)
+    elif tuple(value.shape) != expected[path]:
+      bad_shape.append(f"{key}: got {tuple(value.shape)} -> expected {expected[path]} at {path}")
+    else:
+      out[path] = value
+  for path, parts in rows.items():
+    if path not in expected:
+      unexpected.extend(f"{path} row {i}" for i in parts)
+      continue
+    n = expected[path][0]
+    if sorted(parts) != list(range(n)):
+      bad_shape.append(f"{path}: rows {sorted(parts)} present, expected 0..{n - 1}")
+      continue
+    value = np.concatenate([parts[i] for i in range(n)], axis=0)
+    if value.shape != expected[path]:
+      bad_shape.append(f"{path}: got {value.shape}, expected {expected[path]}")
+    else:
+      out[path] = value
+  missing = sorted(set(expected) - set(out) - {p for p in rows})
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing parameter(s): {', '.join(missing[:20])}"
+                    + (" ..." if len(missing) > 20 else ""))
+  if unexpected:
+    problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(sorted(unexpected)[:20])}"
+                    + (" ..." if len(unexpected) > 20 else ""))
+  if bad_shape:
+    problems.append(f"{len(bad_shape)} wrongly shaped: " + "; ".join(bad_shape[:20]))
+  if problems:
+    raise CheckpointError("checkpoint does not match SAM config "
+                          f"(embed {cfg.encoder_embed_dim}, depth {cfg.encoder_depth}): "
+                          + " | ".join(problems))
+  return cfg, out
+
+
+# --- converted file I/O (no torch) -------------------------------------------
+
+
+def save_converted(path: str, cfg: SamConfig, params: Mapping[str, np.ndarray],
+                   extra_metadata: Optional[Mapping[str, str]] = None) -> None:
+  from safetensors.numpy import save_file
+  meta = {"format": "aopsam_jax.sam", "format_version": FORMAT_VERSION,
+          "sam_config": cfg.to_json()}
+  meta.update(extra_metadata or {})
+  tmp = path + ".tmp"
+  save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, tmp, metadata=meta)
+  os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def read_converted(path: str) -> Tuple[SamConfig, Dict[str, np.ndarray], Dict[str, str]]:
+  from safetensors import safe_open
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such weights file: {path}")
+  try:
+    with safe_open(path, framework="numpy") as f:
+      meta = dict(f.metadata() or {})
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except Exception as e:  # safetensors raises several error types
+    raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+  if meta.get("format") != "aopsam_jax.sam" or "sam_config" not in meta:
+    raise CheckpointError(
+        f"{path} is not a converted aopsam_jax SAM file (no sam_config metadata); "
+        "convert official checkpoints with `python -m conversion.convert_sam`")
+  return SamConfig.from_json(meta["sam_config"]), tensors, meta
+
+
+def params_into_model(model: Sam, params: Mapping[str, np.ndarray]) -> Sam:
+  """Write flat Flax params into `model` (in place), checking keys and shapes."""
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  updated = []
+  for path, var in flat:
+    key = ".".join(str(p) for p in path)
+    if key not in params:
+      raise CheckpointError(f"weights file lacks parameter {key}")
+    value = np.asarray(params[key])
+    if tuple(value.shape) != tuple(var.shape):
+      raise CheckpointError(f"parameter {key}: file has {value.shape}, model needs {var.shape}")
+    updated.append((path, var.replace(jnp.asarray(value, jnp.float32))))
+  extra = sorted(set(params) - {".".join(str(p) for p in path) for path, _ in flat})
+  if extra:
+    raise CheckpointError(f"weights file has unknown parameters: {extra[:10]}")
+  nnx.update(model, nnx.from_flat_state(updated))
+  return model
+
+
+def build_model(cfg: SamConfig, params: Optional[Mapping[str, np.ndarray]] = None, *,
+                dtype=None, seed: int = 0) -> Sam:
+  """A Sam with the given flat params, or random-init when params is None."""
+  model = Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+  if params is not None:
+    params_into_model(model, params)
+  return model
+
+
+def load_sam(path: str, *, dtype=None) -> Sam:
+  """Load a converted safetensors file into a Sam (no torch needed)."""
+  cfg, params, _ = read_converted(path)
+  return build_model(cfg, params, dtype=dtype)
