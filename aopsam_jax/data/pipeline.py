@@ -1,0 +1,140 @@
+"""grain input pipeline over TFDS array_record sources.
+
+Global batch order is independent of the number of processes: one global
+stream of record indices (shuffled per epoch with `seed`, repeated) is cut
+into global batches of `global_batch`; process p reads (only) positions
+[p*L, (p+1)*L) of every global batch, L = global_batch / process_count.  So
+1 process x 8 devices, 2 processes x 4 devices, ... all see the same global
+batches, and each host reads only its own examples (per-host sharding).
+
+The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` (or
+`grain.checkpoint.CheckpointSave/Restore` in an Orbax CheckpointManager)
+resume exactly, with no example skipped or repeated.
+
+Per-example transform (`ExampleTransform`): SAM-exact resize (PIL bilinear
+longest side -> 1024) and zero padding, the prompt target and loss weight
+(`targets.make_target`), and either
+  * online mode: ``image`` (1024,1024,3) uint8 + ``input_hw`` for the
+    in-step SAM encoder, or
+  * cache mode: ``embedding`` (64,64,256) + ``image_small`` (256,256,3) from
+    an `EmbeddingCache` (the image is not even decoded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Optional
+
+import grain
+import numpy as np
+
+from aopsam_jax import transforms
+from aopsam_jax.data import coco
+from aopsam_jax.data.targets import TargetConfig, make_target
+
+
+class ProcessShard(grain.MapDataset):
+  """Positions of process `index` within every global batch of `parent`."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+    super().__init__(parent)
+    if global_batch % count:
+      raise ValueError(f"global batch {global_batch} not divisible by {count} processes")
+    self._g, self._l, self._p = global_batch, global_batch // count, index
+
+  def __len__(self):
+    return (len(self._parent) // self._g) * self._l
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    b, r = divmod(index, self._l)
+    return self._parent[b * self._g + self._p * self._l + r]
+
+  def __str__(self):
+    return f"ProcessShard(global_batch={self._g}, process={self._p})"
+
+
+@dataclasses.dataclass
+class ExampleTransform:
+  target_cfg: TargetConfig
+  mode: str = "online"          # "online" | "cache"
+  cache: Any = None             # EmbeddingCache for mode == "cache"
+  memo_targets: bool = False    # keep computed targets in memory (small datasets)
+
+  def __post_init__(self):
+    self._memo: Dict[int, Any] = {}
+
+  def target(self, iid, anns, h, w):
+    if self.memo_targets and iid in self._memo:
+      return self._memo[iid]
+    t = make_target(anns, h, w, self.target_cfg)
+    if self.memo_targets:
+      self._memo[iid] = t
+    return t
+
+  def __call__(self, rec) -> dict:
+    iid = int(rec["image_id"])
+    h, w = int(rec["height"]), int(rec["width"])
+    anns = rec["annotations"]
+    anns = json.loads(anns.decode() if isinstance(anns, bytes) else anns)
+    heat, weight = self.target(iid, anns, h, w)
+    out = {"image_id": np.int64(iid), "target": heat, "weight": weight}
+    if self.mode == "cache":
+      out["embedding"], out["image_small"] = self.cache.lookup(iid)
+    else:
+      d = coco.decode_record(rec)
+      padded, input_hw, _ = transforms.prepare_image(d["image"], self.target_cfg.img_size)
+      out["image"], out["input_hw"] = padded, input_hw
+    return out
+
+
+def train_dataset(source, transform, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1,
+                  num_epochs: Optional[int] = None, worker_count: int = 0) -> grain.IterDataset:
+  """Infinite (num_epochs None) per-process batches of `global_batch / count`."""
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+  ds = ProcessShard(ds, global_batch, process_index, process_count)
+  ds = ds.map(transform).batch(global_batch // process_count, drop_remainder=True)
+  it = ds.to_iter_dataset()
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+class _Padded(grain.MapDataset):
+  """Source padded to `length` by repeating record 0, with a `valid` flag."""
+
+  def __init__(self, parent, length):
+    super().__init__(parent)
+    self._n, self._len = len(parent), length
+
+  def __len__(self):
+    return self._len
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    rec = self._parent[index if index < self._n else 0]
+    return rec, index < self._n
+
+  def __str__(self):
+    return "Padded"
+
+
+def eval_dataset(source, transform, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """One pass in record order, padded to whole global batches; adds `valid`."""
+  n = len(source)
+  n_pad = -(-n // global_batch) * global_batch
+  ds = ProcessShard(_Padded(grain.MapDataset.source(source), n_pad), global_batch,
+                    process_index, process_count)
+
+  def f(rv):
+    rec, valid = rv
+    out = transform(rec)
+    out["valid"] = np.bool_(valid)
+    return out
+
+  return ds.map(f).batch(global_batch // process_count, drop_remainder=True).to_iter_dataset()

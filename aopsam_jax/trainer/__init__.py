@@ -1,0 +1,1 @@
+"""Library code of `python -m aopsam_jax.train` (losses, steps, evaluation, IO)."""
