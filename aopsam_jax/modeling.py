@@ -98,10 +98,19 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Array) -> Array:
 
 
 class EncoderAttention(nnx.Module):
-  """Multi-head attention with decomposed relative positions (MViTv2)."""
+  """Multi-head attention with decomposed relative positions (MViTv2).
+
+  Computed head-major: q/k/v as (B*nh, N, hd).  The decomposed relative
+  position term q·R_h[y_q, y_k] + q·R_w[x_q, x_k] is two small einsums on q
+  ((B*nh, N, H) and (B*nh, N, W)) broadcast-added to the logits.  For global
+  attention (N = 4096 at 1024 input) the logits would be 12 x 4096 x 4096
+  floats (800 MB); instead queries are processed in chunks of `query_chunk`
+  rows inside a `lax.map`, so each chunk's logits, softmax and
+  probabilities stay cache resident (exact: softmax is per query row).
+  """
 
   def __init__(self, dim: int, num_heads: int, input_size: Tuple[int, int], rngs: nnx.Rngs,
-               dtype=None):
+               dtype=None, query_chunk: int = 64):
     self.num_heads = num_heads
     head_dim = dim // num_heads
     self.scale = head_dim**-0.5
@@ -109,22 +118,42 @@ class EncoderAttention(nnx.Module):
     self.proj = _linear(dim, dim, rngs, dtype)
     self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim), jnp.float32))
     self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim), jnp.float32))
+    self.query_chunk = query_chunk
 
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
     nh = self.num_heads
-    qkv = self.qkv(x).reshape(b, h, w, 3, nh, c // nh)
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, H, W, nh, hd)
-    attn = jnp.einsum("byxnd,bkjnd->bnyxkj", q * jnp.asarray(self.scale, q.dtype), k)
+    hd = c // nh
+    n = h * w
+    qkv = self.qkv(x).reshape(b, n, 3, nh, hd)
+    qkv = qkv.transpose(2, 0, 3, 1, 4).reshape(3, b * nh, n, hd)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (B*nh, N, hd)
     rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)  # (H, H, hd)
     rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)  # (W, W, hd)
-    rel_h = jnp.einsum("byxnd,ykd->bnyxk", q, rh)
-    rel_w = jnp.einsum("byxnd,xkd->bnyxk", q, rw)
-    attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
-    attn = attn.reshape(b, nh, h * w, h * w)
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnqk,bknd->bqnd", attn, v.reshape(b, h * w, nh, c // nh))
-    return self.proj(out.reshape(b, h, w, c))
+    q4 = q.reshape(b * nh, h, w, hd)
+    # The relative-position term uses the unscaled q (official code).
+    rel_h = jnp.einsum("zyxd,ykd->zyxk", q4, rh).reshape(b * nh, n, h)
+    rel_w = jnp.einsum("zyxd,xkd->zyxk", q4, rw).reshape(b * nh, n, w)
+    q = q * jnp.asarray(self.scale, q.dtype)
+
+    def attend(args):
+      qc, rhc, rwc = args  # (Z, Q, hd), (Z, Q, H), (Z, Q, W)
+      nq = qc.shape[1]
+      logits = jnp.einsum("zqd,zkd->zqk", qc, k).reshape(-1, nq, h, w)
+      logits = logits + rhc[..., :, None] + rwc[..., None, :]
+      p = jax.nn.softmax(logits.reshape(-1, nq, n).astype(jnp.float32), axis=-1)
+      return jnp.einsum("zqk,zkd->zqd", p.astype(v.dtype), v)
+
+    chunk = self.query_chunk
+    if chunk and n > chunk and n % chunk == 0:
+      nc = n // chunk
+      split = lambda a: a.reshape(a.shape[0], nc, chunk, a.shape[-1]).swapaxes(0, 1)
+      out = jax.lax.map(attend, (split(q), split(rel_h), split(rel_w)))  # (nc, Z, Q, hd)
+      out = out.swapaxes(0, 1).reshape(b * nh, n, hd)
+    else:
+      out = attend((q, rel_h, rel_w))
+    out = out.reshape(b, nh, n, hd).transpose(0, 2, 1, 3).reshape(b, h, w, c)
+    return self.proj(out)
 
 
 def window_partition(x: Array, window: int) -> Tuple[Array, Tuple[int, int]]:
