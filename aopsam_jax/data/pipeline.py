@@ -90,11 +90,15 @@ class ExampleTransform:
     return out
 
 
+def as_map_dataset(source) -> grain.MapDataset:
+  return source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+
+
 def train_dataset(source, transform, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1,
                   num_epochs: Optional[int] = None, worker_count: int = 0) -> grain.IterDataset:
   """Infinite (num_epochs None) per-process batches of `global_batch / count`."""
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+  ds = as_map_dataset(source).shuffle(seed=seed).repeat(num_epochs)
   ds = ProcessShard(ds, global_batch, process_index, process_count)
   ds = ds.map(transform).batch(global_batch // process_count, drop_remainder=True)
   it = ds.to_iter_dataset()
@@ -128,7 +132,7 @@ def eval_dataset(source, transform, global_batch: int, process_index: int = 0,
   """One pass in record order, padded to whole global batches; adds `valid`."""
   n = len(source)
   n_pad = -(-n // global_batch) * global_batch
-  ds = ProcessShard(_Padded(grain.MapDataset.source(source), n_pad), global_batch,
+  ds = ProcessShard(_Padded(as_map_dataset(source), n_pad), global_batch,
                     process_index, process_count)
 
   def f(rv):

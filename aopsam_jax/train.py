@@ -1,0 +1,219 @@
+r"""Train the AoP-SAM Prompt Predictor.
+
+  python -m aopsam_jax.train --config configs/coco_tiny.py --workdir /tmp/pp \
+      [--config.total_steps=400 --config.batch_size=8 ...]
+
+Multi-host (TPU pod / several GPU hosts): run the same command on every host
+with ``--multihost`` (calls `jax.distributed.initialize()`, which
+auto-detects TPU pods / SLURM), or give ``--coordinator_address host:port
+--num_processes N --process_id i`` explicitly (also how two CPU processes on
+one machine are tested).
+
+What happens:
+  * data: each `config.data.train` dataset is converted once to TFDS
+    array_record (process 0), read with `tfds.data_source` + grain; every
+    process reads only its slice of each global batch (`data.pipeline`).
+  * SAM's image encoder is frozen: embeddings are computed inside the jitted
+    step (``config.embeddings='online'``, accelerators) or once into an
+    on-disk cache keyed by the encoder weights (``'cache'``, CPUs).
+  * one jitted train step, batch sharded over a Mesh of all devices, params
+    replicated; AdamW + warmup/cosine + global-norm clipping.
+  * Orbax CheckpointManager (params, optimizer, step and the grain iterator
+    state): saves every `ckpt_every` steps and at the end, keeps
+    `keep_ckpts`, resumes automatically from the latest step.
+  * metrics as JSON lines in `<workdir>/metrics.jsonl` (+TensorBoard when
+    tensorboardX is installed); evaluation every `eval_every` steps; PNG
+    plots and the trained predictor (`<workdir>/predictor`, see
+    `prompt_predictor.load_predictor`) at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-detect).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process (with --coordinator_address).")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """The whole run; returns the final metrics (also in metrics.jsonl)."""
+  import grain
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from flax import nnx
+  from tqdm import tqdm
+
+  from aopsam_jax.config import get_sam_config
+  from aopsam_jax.data import pipeline
+  from aopsam_jax.data.targets import TargetConfig
+  from aopsam_jax.embed_cache import encoder_fingerprint
+  from aopsam_jax.params import build_model, load_sam
+  from aopsam_jax.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
+                                           forward_flops, save_predictor)
+  from aopsam_jax.trainer import data_setup, io, steps
+  from aopsam_jax.trainer.evaluation import PromptEvaluator
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  pidx, pcount = jax.process_index(), jax.process_count()
+  is_main = pidx == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = steps.make_mesh()
+  gbatch = config.batch_size
+  if gbatch % jax.device_count():
+    raise ValueError(f"batch_size {gbatch} must be divisible by the {jax.device_count()} devices")
+
+  # --- frozen SAM encoder -----------------------------------------------------
+  if config.sam.checkpoint:
+    sam = load_sam(config.sam.checkpoint)
+  else:
+    logging.warning("SAM %s with RANDOM weights (seed %d): its embedding carries no learned "
+                    "information; the predictor must rely on its image branch.",
+                    config.sam.model, config.sam.seed)
+    sam = build_model(get_sam_config(config.sam.model), seed=config.sam.seed)
+  mode = config.embeddings
+  if mode not in ("cache", "online"):
+    raise ValueError(f"config.embeddings must be 'cache' or 'online', got {mode!r}")
+  fingerprint = encoder_fingerprint(sam) if mode == "cache" else None
+
+  # --- data ---------------------------------------------------------------------
+  target_cfg = TargetConfig(img_size=sam.config.img_size, **config.targets)
+  if is_main:  # build TFDS records / caches once, then let the others read them
+    for sel in (config.data.train, config.data.val):
+      data_setup.make_split(config.data, sel, mode, target_cfg, sam=sam, fingerprint=fingerprint,
+                            progress=True)
+  if pcount > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("data_prepared")
+  train_src, train_tr = data_setup.make_split(config.data, config.data.train, mode, target_cfg,
+                                              sam=sam, fingerprint=fingerprint, is_writer=False)
+  val_src, val_tr = data_setup.make_split(config.data, config.data.val, mode, target_cfg,
+                                          sam=sam, fingerprint=fingerprint, is_writer=False)
+  train_ds = pipeline.train_dataset(train_src, train_tr, gbatch, config.data.seed, pidx, pcount,
+                                    worker_count=config.data.worker_count)
+  train_iter = iter(train_ds)
+  evaluator = PromptEvaluator(data_setup.annotations_of(val_src), target_cfg)
+
+  # --- model, optimizer, steps --------------------------------------------------
+  pp_cfg = PromptPredictorConfig.from_dict(config.model.to_dict())
+  model = PromptPredictor(pp_cfg, rngs=nnx.Rngs(config.seed))
+  graphdef, params = nnx.split(model)
+  tx, sched = steps.make_optimizer(config.optim, config.total_steps)
+  enc_graphdef, enc_state = nnx.split(sam.image_encoder)
+  enc_state = steps.replicate(enc_state, mesh) if mode == "online" else None
+  state = steps.replicate({"params": params, "opt_state": tx.init(params),
+                           "step": jnp.zeros((), jnp.int32)}, mesh)
+  train_step, eval_step = steps.build_steps(graphdef, tx, config.loss, mesh, enc_graphdef,
+                                            tuple(config.eval_ks), config.nms_kernel)
+  writer = io.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
+  if is_main:
+    info = {"params": count_params(model), "gflops_per_image": forward_flops(model) / 1e9,
+            "devices": jax.device_count(), "processes": pcount, "train_images": len(train_src),
+            "val_images": len(val_src)}
+    logging.info("prompt predictor: %s", info)
+    writer.write("info", 0, info)
+
+  # --- checkpoints: resume automatically ---------------------------------------
+  mngr = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"), item_names=("state", "data"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_ckpts,
+                                           save_interval_steps=config.ckpt_every,
+                                           enable_async_checkpointing=False))
+  start = 0
+  if mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    restored = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(train_iter)))
+    state = restored["state"]
+    logging.info("resumed from step %d", start)
+
+  def evaluate(step):
+    eval_iter = iter(pipeline.eval_dataset(val_src, val_tr, config.eval_batch_size, pidx, pcount))
+    ids, peaks, loss_sum, pos_sum = [], {f"k{k}": ([], []) for k in config.eval_ks}, 0.0, 0.0
+    for local in eval_iter:
+      valid = steps.fetch(steps.to_global(mesh, {"v": local.pop("valid")})["v"])
+      iid = steps.fetch(steps.to_global(mesh, {"i": local.pop("image_id")})["i"])
+      out = eval_step(state["params"], steps.to_global(mesh, local), enc_state)
+      # per-batch loss is normalised by its positives: accumulate sums
+      loss_sum += float(out["loss"]) * max(float(out["num_pos"]), 1.0)
+      pos_sum += float(out["num_pos"])
+      ids.extend(iid[valid].tolist())
+      for k in config.eval_ks:
+        peaks[f"k{k}"][0].append(steps.fetch(out[f"k{k}_coords"])[valid])
+        peaks[f"k{k}"][1].append(steps.fetch(out[f"k{k}_valid"])[valid])
+    peaks = {n: (np.concatenate(c), np.concatenate(v)) for n, (c, v) in peaks.items()}
+    res = {"loss": loss_sum / max(pos_sum, 1.0), **evaluator.evaluate(ids, peaks)}
+    for n in config.grid_baselines:
+      res.update(evaluator.grid_baseline(ids, n))
+    writer.write("eval", step, res)
+    return res
+
+  # --- loop ------------------------------------------------------------------
+  total = config.total_steps
+  bar = tqdm(total=total, initial=start, disable=not is_main, desc="train", dynamic_ncols=True)
+  t0, n0, last = time.perf_counter(), start, {}
+  res = {}
+  for step in range(start, total):
+    batch = next(train_iter)
+    batch.pop("image_id")
+    state, m = train_step(state, steps.to_global(mesh, batch), enc_state)
+    done = step + 1
+    if done % config.log_every == 0 or done == total:
+      m = {k: float(v) for k, v in m.items()}
+      dt = time.perf_counter() - t0
+      rate = (done - n0) / max(dt, 1e-9)
+      m.update(lr=float(sched(done - 1)), steps_per_s=rate, images_per_s=rate * gbatch)
+      writer.write("train", done, m)
+      bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{rate * gbatch:.2f}")
+      t0, n0, last = time.perf_counter(), done, m
+    bar.update(1)
+    if done % config.ckpt_every == 0 or done == total:
+      mngr.save(done, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(train_iter)), force=done == total)
+    if (config.eval_every and done % config.eval_every == 0) or done == total:
+      res = evaluate(done)
+      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())
+                                             if k.endswith(("recall", "loss", "precision"))))
+  bar.close()
+  mngr.wait_until_finished()
+  if not res:
+    res = evaluate(total)
+  if is_main:
+    save_predictor(os.path.join(workdir, "predictor"), nnx.merge(graphdef, steps.fetch_tree(
+        state["params"])), pp_cfg, metadata={"steps": str(total), "sam_model": config.sam.model})
+    io.plot_curves(workdir)
+  writer.close()
+  mngr.close()
+  return {"train": last, "eval": res}
+
+
+def main(argv):
+  del argv
+  import jax
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif FLAGS.multihost:
+    jax.distributed.initialize()
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required")
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
