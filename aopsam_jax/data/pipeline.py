@@ -120,6 +120,7 @@ class _Padded(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
+    index = index % self._len
     rec = self._parent[index if index < self._n else 0]
     return rec, index < self._n
 

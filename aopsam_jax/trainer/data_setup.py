@@ -71,6 +71,7 @@ class Concat(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
+    index = index % len(self)  # grain passes indices past the end for repeats
     s = int(np.searchsorted(self._offsets, index, side="right") - 1)
     rec = dict(self._sources[s][index - int(self._offsets[s])])
     rec["_source"] = s
