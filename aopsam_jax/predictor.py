@@ -143,9 +143,9 @@ class SamPredictor:
   def __init__(self, model: Sam, *, dtype=None,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                embed_batch_size: int = 1):
+    self.graphdef, self.state = split_sam(model, dtype)
     self.model = model
     self.config = model.config
-    self.graphdef, self.state = split_sam(model, dtype)
     buckets = tuple(sorted(int(b) for b in prompt_buckets))
     if not buckets or buckets[0] < 1:
       raise ValueError(f"prompt_buckets must be positive sizes, got {prompt_buckets!r}")
