@@ -1,0 +1,174 @@
+"""AoP-SAM in one program: image -> encoder -> prompt predictor -> ASF -> masks.
+
+    from aopsam_jax import bundle, pipeline
+    b = bundle.load_bundle(path)                       # SAM + predictor + AsfConfig
+    inp = pipeline.prepare(image)                      # host: PIL resize + pad
+    out = pipeline.segment_jit(b.model, inp.padded, inp.input_hw, inp.original_hw, b.asf)
+    records = pipeline.to_records(out)                 # same records as amg.to_records
+
+`segment` is a pure function of (model, padded image(s), sizes): image
+encoder, prompt predictor, ASF (coarse + fine decoding, filtering, mask
+NMS) all trace into the caller's program, so it can be embedded in user
+code under `jax.jit`.  `segment_jit` is the jitted version: ONE compiled
+executable per (model structure, AsfConfig, batch shape); the image size
+is data (`input_hw`, `original_hw`), so images of any size share it.
+Inputs may be one image (S, S, 3) with (2,) sizes, or a batch (B, S, S, 3)
+with (B, 2) sizes (vmapped).
+
+Outputs (N = cfg.max_masks, P = cfg.k_coarse + cfg.k_fine, one leading B
+axis for batches), compatible with `amg.to_records` / `amg.masks_at_original`:
+  low_res_logits (N, 256, 256)  decoder logits of each output mask
+  iou, stability (N,)           predicted IoU, stability score (low-res)
+  boxes (N, 4)                  XYXY in the original image (from low-res logits)
+  points (N, 2)                 the prompt of each mask, xy in the original image
+  mask_index (N,), stage (N,)   multimask output index; 0 coarse / 1 fine prompt
+  valid (N,)                    slot holds a mask (valid first, by predicted IoU)
+  prompt_points (P, 2), prompt_valid (P,), prompt_accepted (P,): every decoded prompt
+  num_prompts, num_filtered, num_kept, heatmap (256, 256) logits
+  crop_index, crop_boxes, input_hw, original_hw: single-crop bookkeeping
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aopsam_jax import amg, asf, mask_ops
+from aopsam_jax.prompt_predictor import PromptPredictor, downsample_image
+from aopsam_jax.transforms import prepare_image, preprocess
+
+AsfConfig = asf.AsfConfig
+
+
+class AopSam(nnx.Module):
+  """SAM + prompt predictor, one NNX graph (split / merge as a unit)."""
+
+  def __init__(self, sam, predictor: PromptPredictor):
+    self.sam = sam
+    self.predictor = predictor
+
+  def heatmap(self, pixels: jax.Array) -> jax.Array:
+    """Preprocessed (B, S, S, 3) -> (embeddings (B, 64, 64, 256), heatmap logits (B, 256, 256))."""
+    emb = self.sam.encode_image(pixels)
+    return emb, self.predictor(emb, downsample_image(pixels))
+
+
+class AopInputs(NamedTuple):
+  padded: np.ndarray       # (S, S, 3) uint8
+  input_hw: np.ndarray     # (2,) int32
+  original_hw: np.ndarray  # (2,) int32
+
+
+def prepare(image: np.ndarray, img_size: int = 1024) -> AopInputs:
+  """RGB uint8 (H, W, 3) -> AopInputs (official PIL resize, zero padding)."""
+  padded, ihw, ohw = prepare_image(np.asarray(image), img_size)
+  return AopInputs(padded, ihw.astype(np.int32), ohw.astype(np.int32))
+
+
+def _segment_one(model: AopSam, padded, input_hw, original_hw, cfg: AsfConfig):
+  sam = model.sam
+  img_size = padded.shape[-2]
+  if img_size != cfg.img_size:
+    raise ValueError(f"padded input is {img_size} wide, AsfConfig.img_size is {cfg.img_size}")
+  input_hw = input_hw.astype(jnp.int32)
+  original_hw = original_hw.astype(jnp.int32)
+  x = preprocess(padded, input_hw)[None]
+  emb, hm = model.heatmap(x)
+  hm = hm[0]
+
+  def decode_fn(points_in, valid):
+    del valid  # every slot is decoded in one batch; invalid ones are ignored by ASF
+    coords, labels = amg._single_point_prompts(points_in)
+    return sam.decode(emb, coords, labels, multimask_output=True)
+
+  out = asf.run(hm, input_hw, decode_fn, cfg)
+  to_orig = original_hw[::-1].astype(jnp.float32) / input_hw[::-1].astype(jnp.float32)
+  n = out["valid"].shape[0]
+  boxes = mask_ops.boxes_from_low_res(out["low_res_logits"], input_hw, original_hw, img_size,
+                                      cfg.mask_threshold)
+  whole = jnp.stack([0, 0, original_hw[1], original_hw[0]]).astype(jnp.int32)
+  return dict(
+      low_res_logits=out["low_res_logits"], iou=out["iou"], stability=out["stability"],
+      boxes=jnp.where(out["valid"][:, None], boxes, 0.0),
+      points=out["points_in"] * to_orig, mask_index=out["mask_index"], stage=out["stage"],
+      valid=out["valid"], prompt_points=out["prompts_in"] * to_orig,
+      prompt_scores=out["prompt_scores"], prompt_valid=out["prompt_valid"],
+      prompt_accepted=out["prompt_accepted"], num_prompts=out["num_prompts"],
+      num_filtered=out["num_filtered"], num_kept=out["num_kept"], heatmap=hm,
+      crop_index=jnp.zeros((n,), jnp.int32), crop_boxes=jnp.broadcast_to(whole, (n, 4)),
+      input_hw=jnp.broadcast_to(input_hw, (n, 2)), original_hw=original_hw)
+
+
+def segment(model: AopSam, padded: jax.Array, input_hw: jax.Array, original_hw: jax.Array,
+            cfg: AsfConfig = AsfConfig()) -> Dict[str, jax.Array]:
+  """Pure AoP-SAM: padded uint8 image(s) + sizes -> dict of fixed-size arrays.
+
+  padded (S, S, 3) or (B, S, S, 3); input_hw / original_hw (2,) or (B, 2).
+  Traceable: call it inside your own `jax.jit` (with `model` merged there).
+  """
+  padded = jnp.asarray(padded)
+  if padded.ndim == 3:
+    return _segment_one(model, padded, jnp.asarray(input_hw), jnp.asarray(original_hw), cfg)
+  if padded.ndim != 4:
+    raise ValueError(f"padded must be (S, S, 3) or (B, S, S, 3), got {padded.shape}")
+  return jax.vmap(lambda p, i, o: _segment_one(model, p, i, o, cfg))(
+      padded, jnp.asarray(input_hw), jnp.asarray(original_hw))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def _segment_jit(graphdef, state, padded, input_hw, original_hw, cfg):
+  return segment(nnx.merge(graphdef, state), padded, input_hw, original_hw, cfg)
+
+
+def split_model(model) -> tuple:
+  """AopSam or (graphdef, state) -> (graphdef, state)."""
+  return model if isinstance(model, tuple) else nnx.split(model)
+
+
+def segment_jit(model, padded, input_hw, original_hw,
+                cfg: AsfConfig = AsfConfig()) -> Dict[str, jax.Array]:
+  """Jitted `segment`.  `model`: AopSam or its (graphdef, state) split (faster:
+  no per-call split).  Inputs may be numpy (transferred) or device arrays
+  (no host transfer at all: runs under `jax.transfer_guard("disallow")`)."""
+  graphdef, state = split_model(model)
+  return _segment_jit(graphdef, state, padded, input_hw, original_hw, cfg=cfg)
+
+
+def compiled_executables() -> int:
+  """Number of executables compiled so far by `segment_jit` (all configs)."""
+  return _segment_jit._cache_size()
+
+
+# --- host side ---------------------------------------------------------------
+
+
+def to_records(out: Dict[str, Any], output_mode: str = "binary_mask", img_size: int = 1024,
+               threshold: float = 0.0) -> List[Dict[str, Any]]:
+  """One image's `segment` output -> official-style mask records (`amg.to_records`)."""
+  return amg.to_records(out, output_mode, img_size, threshold)
+
+
+class AopMaskGenerator:
+  """Convenience wrapper mirroring `amg.AutomaticMaskGenerator`:
+  `AopMaskGenerator(bundle_or_model, cfg).generate(image)` -> records."""
+
+  def __init__(self, model, cfg: AsfConfig | None = None, output_mode: str = "binary_mask"):
+    if hasattr(model, "model") and hasattr(model, "asf"):  # a Bundle
+      cfg = cfg or model.asf
+      model = model.model
+    self.graphdef, self.state = split_model(model)
+    self.cfg = cfg or AsfConfig()
+    self.output_mode = output_mode
+
+  def generate_arrays(self, image: np.ndarray) -> Dict[str, jax.Array]:
+    inp = prepare(image, self.cfg.img_size)
+    return segment_jit((self.graphdef, self.state), inp.padded, inp.input_hw, inp.original_hw,
+                       self.cfg)
+
+  def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+    return to_records(self.generate_arrays(image), self.output_mode, self.cfg.img_size)
