@@ -100,14 +100,17 @@ class EmbeddingCache:
     os.replace(tmp_j, os.path.join(self.dir, "ids.json"))
 
   def _open(self):
+    # Called from several grain reader threads: fill everything, then
+    # publish `_rows` last (a second concurrent open is harmless).
     if self._rows is None:
       with open(os.path.join(self.dir, "ids.json")) as f:
         meta = json.load(f)
       if meta["fingerprint"] != self.fingerprint:
         raise ValueError(f"embedding cache {self.dir} belongs to other encoder weights")
-      self._rows = {iid: r for r, iid in enumerate(meta["image_ids"])}
+      rows = {iid: r for r, iid in enumerate(meta["image_ids"])}
       self._emb = np.load(os.path.join(self.dir, "embeddings.npy"), mmap_mode="r")
       self._small = np.load(os.path.join(self.dir, "image_small.npy"), mmap_mode="r")
+      self._rows = rows
 
   def lookup(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
     self._open()
