@@ -226,12 +226,16 @@ def detect_config(sd: Mapping[str, np.ndarray]) -> SamConfig:
     pos = sd["image_encoder.pos_embed"].shape
   except KeyError as e:
     raise CheckpointError(f"not a SAM checkpoint: missing {e.args[0]!r}") from None
-  depth = 1 + max(int(m.group(1)) for k in sd
-                  for m in [re.match(r"image_encoder\.blocks\.(\d+)\.", k)] if m)
-  head_dim = int(sd["image_encoder.blocks.0.attn.rel_pos_h"].shape[1])
+  depth = 1 + max((int(m.group(1)) for k in sd
+                   for m in [re.match(r"image_encoder\.blocks\.(\d+)\.", k)] if m), default=-1)
+  rel = [f"image_encoder.blocks.{i}.attn.rel_pos_h" for i in range(depth)]
+  absent = [k for k in rel if k not in sd]
+  if depth == 0 or absent:
+    raise CheckpointError("cannot infer the SAM size: missing "
+                          + (", ".join(absent[:10]) if absent else "image_encoder.blocks.*"))
+  head_dim = int(sd[rel[0]].shape[1])
   grid = int(pos[1])
-  global_idx = tuple(i for i in range(depth)
-                     if sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 2 * grid - 1)
+  global_idx = tuple(i for i in range(depth) if sd[rel[i]].shape[0] == 2 * grid - 1)
   for name, cfg in SAM_CONFIGS.items():
     if (cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_global_attn_indexes,
         cfg.embed_size) == (dim, depth, global_idx, grid) and \
@@ -257,6 +261,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
   out: Dict[str, np.ndarray] = {}
   rows: Dict[str, Dict[int, np.ndarray]] = {}
   unexpected, bad_shape = [], []
+  misshaped = set()  # present but wrongly shaped: reported as such, not as missing
   for key, value in sd.items():
     if key.split(".")[-1] in IGNORED_KEYS:
       continue
@@ -274,6 +279,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
       unexpected.append(key)
     elif tuple(value.shape) != expected[path]:
       bad_shape.append(f"{key}: got {tuple(value.shape)} -> expected {expected[path]} at {path}")
+      misshaped.add(path)
     else:
       out[path] = value
   for path, parts in rows.items():
@@ -289,7 +295,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
       bad_shape.append(f"{path}: got {value.shape}, expected {expected[path]}")
     else:
       out[path] = value
-  missing = sorted(set(expected) - set(out) - {p for p in rows})
+  natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]  # noqa: E731
+  missing = sorted(set(expected) - set(out) - set(rows) - misshaped, key=natural)
   problems = []
   if missing:
     problems.append(f"{len(missing)} missing parameter(s): {', '.join(missing[:20])}"

@@ -83,7 +83,7 @@ def _sniff(path: str) -> str:
 def _weights_only_reason(e: Exception) -> str:
   """The useful line out of torch's long weights-only error text."""
   text = str(e)
-  for pat in (r"(Trying to load unsupported GLOBAL [^\n]*)", r"(Unsupported global[^\n]*)",
+  for pat in (r"Trying to load unsupported (GLOBAL \S+)", r"Unsupported global: (GLOBAL \S+)",
               r"(Unsupported operand[^\n]*)", r"WeightsUnpickler error:\s*([^\n]+)"):
     m = re.search(pat, text)
     if m:
@@ -112,11 +112,11 @@ def _torch_load(path: str, kind: str):
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = _weights_only_reason(e)
-    if "GLOBAL" in reason or "global" in reason:
+    if reason.startswith("GLOBAL"):
       raise CheckpointError(
-          f"{path}: refused to load: the pickle references code or objects other than "
-          f"tensors ({reason}). Only plain state dicts are accepted; nothing from the "
-          "file was executed") from None
+          f"{path}: refused to load: the pickle references {reason[7:]}, which is neither a "
+          "tensor nor a plain container; only torch.save()d state dicts are accepted. "
+          "Nothing from the file was executed") from None
     raise CheckpointError(
         f"{path}: not loadable as a weights-only PyTorch checkpoint ({reason}); the file is "
         "corrupt or not a torch.save() state dict. Nothing from the file was executed") from None
@@ -265,11 +265,10 @@ def convert_checkpoint(checkpoint: str, model_type: str = "auto"
         official = P.hf_to_official(sd) if layout == "hf" else sd
         found = config_name(P.detect_config(official))
         if found != model_type:
-          hint = (f" (the tensor shapes look like {found}; try --model-type {found} "
-                  "or --model-type auto)")
+          hint = (f" the tensor shapes look like {found} (use --model-type {found} or auto);")
       except CheckpointError:
         pass
-    raise CheckpointError(f"{checkpoint}: --model-type {model_type}: {e}{hint}"
+    raise CheckpointError(f"{checkpoint}: --model-type {model_type}:{hint} {e}"
                           if cfg is not None else f"{checkpoint}: {e}") from None
 
 
