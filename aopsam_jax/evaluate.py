@@ -1,0 +1,350 @@
+r"""AoP-SAM vs grid AMG (AMG_S 16x16, AMG_D 32x32) on a COCO-format split.
+
+  python -m aopsam_jax.evaluate --data /work/shared/data/coco_tiny --split val \
+      --bundle BUNDLE_DIR --out benchmarks/results/eval_coco_tiny
+
+Metrics per method (ground truth: non-crowd instances with area >= 64 px in
+the 1024 input frame, as in training, `trainer.evaluation.ImageGT`):
+  * prompt recall: share of GT instances containing at least one DECODED
+    prompt point (AMG: every grid point; AoP: every coarse + fine prompt);
+    prompts decoded per image.  Meaningful with any SAM weights.
+  * mask mIoU: each GT instance's best IoU with any output mask (original
+    resolution), averaged, also by COCO size (small < 32^2 <= medium < 96^2
+    <= large, original pixels); recall at IoU 0.5; output masks per image.
+    Needs real SAM weights: with random weights the output says so.
+  * latency: median over images of the jitted program (prepared image on the
+    device -> fixed-size outputs, `jax.block_until_ready`), compilation
+    excluded (reported separately); memory: XLA's buffer analysis of the
+    compiled program (arguments + outputs + temporaries) and the process'
+    peak RSS.
+Grid AMG is slow on a CPU (AMG_D decodes 1024 prompts): its mask metrics and
+latency use the first `--amg-images` images; its prompt metrics are exact
+on every image (the grid is fixed, no decoding needed).
+Writes <out>.json, <out>.md and <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+SIZE_EDGES = (32 ** 2, 96 ** 2)
+
+
+def size_class(area: float) -> str:
+  return "small" if area < SIZE_EDGES[0] else ("medium" if area < SIZE_EDGES[1] else "large")
+
+
+def best_ious(gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+  """gt (G, H, W), pred (N, H, W) bool -> (G,) best IoU of each GT with any pred."""
+  if len(gt) == 0:
+    return np.zeros((0,), np.float64)
+  if len(pred) == 0:
+    return np.zeros((len(gt),), np.float64)
+  g = gt.reshape(len(gt), -1).astype(np.float32)
+  p = pred.reshape(len(pred), -1).astype(np.float32)
+  inter = g @ p.T
+  union = g.sum(1)[:, None] + p.sum(1)[None, :] - inter
+  iou = np.where(union > 0, inter / np.maximum(union, 1.0), 0.0)
+  return iou.max(1)
+
+
+class MethodStats:
+  """Accumulates per-image results of one method."""
+
+  def __init__(self):
+    self.prompt = collections.Counter()
+    self.mask_ious: List[float] = []
+    self.mask_sizes: List[str] = []
+    self.n_masks: List[int] = []
+    self.n_prompts: List[float] = []
+    self.latency: List[float] = []
+    self.first_call_s: Optional[float] = None
+    self.memory: Dict[str, float] = {}
+
+  def add_prompts(self, counts: Dict[str, float]):
+    self.prompt.update(counts)
+    self.n_prompts.append(counts["points"])
+
+  def add_masks(self, gt_masks, areas, pred_masks):
+    ious = best_ious(gt_masks, pred_masks)
+    self.mask_ious.extend(ious.tolist())
+    self.mask_sizes.extend(size_class(a) for a in areas)
+    self.n_masks.append(int(len(pred_masks)))
+
+  def summary(self) -> Dict[str, float]:
+    c = self.prompt
+    out = {"prompt_recall": c["hit"] / max(c["gt"], 1.0),
+           "prompts_per_image": float(np.mean(self.n_prompts)) if self.n_prompts else float("nan"),
+           "prompt_images": len(self.n_prompts), "gt_instances": int(c["gt"])}
+    if self.mask_ious:
+      ious = np.asarray(self.mask_ious)
+      sizes = np.asarray(self.mask_sizes)
+      out.update(miou=float(ious.mean()), recall_50=float((ious >= 0.5).mean()),
+                 masks_per_image=float(np.mean(self.n_masks)), mask_images=len(self.n_masks),
+                 mask_instances=int(len(ious)))
+      for s in ("small", "medium", "large"):
+        sel = sizes == s
+        out[f"miou_{s}"] = float(ious[sel].mean()) if sel.any() else float("nan")
+        out[f"n_{s}"] = int(sel.sum())
+    if self.latency:
+      out.update(latency_median_s=float(np.median(self.latency)),
+                 latency_images=len(self.latency))
+    if self.first_call_s is not None:
+      out["first_call_s"] = self.first_call_s
+    out.update(self.memory)
+    return out
+
+
+def memory_of(compiled) -> Dict[str, float]:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # backend without the analysis
+    return {}
+  if m is None:
+    return {}
+  get = lambda k: float(getattr(m, k, 0) or 0)
+  total = (get("argument_size_in_bytes") + get("output_size_in_bytes")
+           + get("temp_size_in_bytes") - get("alias_size_in_bytes"))
+  return {"xla_temp_mib": get("temp_size_in_bytes") / 2 ** 20, "xla_total_mib": total / 2 ** 20}
+
+
+def _timed(fn, *args):
+  import jax
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = None,
+             sam_checkpoint: Optional[str] = None, methods=("aop", "amg_s", "amg_d"),
+             limit: Optional[int] = None, amg_images: int = 5,
+             asf_overrides: Optional[dict] = None, progress: bool = True) -> dict:
+  import jax
+  from flax import nnx
+
+  from aopsam_jax import amg, bundle as bundle_lib, pipeline
+  from aopsam_jax.data.coco import load_annotations
+  from aopsam_jax.data.targets import TargetConfig
+  from aopsam_jax.image_io import load_image
+  from aopsam_jax.trainer.evaluation import ImageGT, grid_points
+
+  ann = os.path.join(data_dir, "annotations", f"instances_{split}2017.json")
+  img_dir = os.path.join(data_dir, f"{split}2017")
+  images, anns_by = load_annotations(ann)
+  images = sorted(images, key=lambda im: im["id"])[:limit]
+  b = bundle_lib.load_bundle(bundle_path, sam_checkpoint=sam_checkpoint,
+                             asf_overrides=asf_overrides)
+  cfg = b.asf
+  gd, st = nnx.split(b.model)
+  sam_gd, sam_st = nnx.split(b.sam)
+  tcfg = TargetConfig(img_size=cfg.img_size)
+  amg_cfgs = {"amg_s": amg.AMG_S, "amg_d": amg.AMG_D}
+  stats = {m: MethodStats() for m in methods}
+  compiled = {}
+  it = images
+  if progress:
+    from tqdm import tqdm
+    it = tqdm(images, desc="evaluate", dynamic_ncols=True)
+  for n_img, im in enumerate(it):
+    image = load_image(os.path.join(img_dir, im["file_name"]))
+    h0, w0 = image.shape[:2]
+    g = ImageGT(anns_by[im["id"]], h0, w0, tcfg)
+    areas = g.gt.reshape(len(g.gt), -1).sum(1).astype(float)
+    for m in methods:
+      s = stats[m]
+      if m == "aop":
+        inp = pipeline.prepare(image, cfg.img_size)
+        dev = [jax.device_put(np.asarray(x)) for x in inp]
+        if "aop" not in compiled:
+          t0 = time.perf_counter()
+          compiled["aop"] = pipeline._segment_jit.lower(gd, st, *dev, cfg=cfg).compile()
+          s.memory = memory_of(compiled["aop"])
+          out, dt = _timed(compiled["aop"], st, *dev)
+          s.first_call_s = time.perf_counter() - t0
+        else:
+          out, dt = _timed(compiled["aop"], st, *dev)
+          s.latency.append(dt)
+        out = jax.device_get(out)
+        s.add_prompts(g.counts(np.asarray(out["prompt_points"]), np.asarray(out["prompt_valid"])))
+        s.add_masks(g.gt, areas, amg.masks_at_original(out, cfg.img_size))
+      else:
+        acfg = amg_cfgs[m]
+        pts = grid_points(acfg.points_per_side, h0, w0)
+        s.add_prompts(g.counts(pts, np.ones(len(pts), bool)))
+        if n_img >= amg_images:
+          continue
+        ainp = amg.prepare(image, acfg, cfg.img_size)
+        dev = [jax.device_put(np.asarray(x)) for x in ainp]
+        if m not in compiled:
+          t0 = time.perf_counter()
+          compiled[m] = amg._generate_jit.lower(sam_gd, sam_st, *dev, cfg=acfg).compile()
+          s.memory = memory_of(compiled[m])
+          out, dt = _timed(compiled[m], sam_st, *dev)
+          s.first_call_s = time.perf_counter() - t0
+        else:
+          out, dt = _timed(compiled[m], sam_st, *dev)
+          s.latency.append(dt)
+        out = jax.device_get(out)
+        s.add_masks(g.gt, areas, amg.masks_at_original(out, cfg.img_size))
+  sam_cfg = b.sam.config
+  sam_desc = next((k for k, v in __import__("aopsam_jax.config", fromlist=["x"]).SAM_CONFIGS.items()
+                   if v == sam_cfg), "custom")
+  result = {
+      "dataset": {"dir": os.path.abspath(data_dir), "split": split, "images": len(images),
+                  "amg_mask_images": min(amg_images, len(images))},
+      "sam": {"model": sam_desc, "random_weights": b.random_sam, "source": b.sam_info},
+      "bundle": os.path.abspath(bundle_path or bundle_lib.DEFAULT_BUNDLE),
+      "asf": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+      "amg": {m: {"points_per_side": amg_cfgs[m].points_per_side,
+                  "pred_iou_thresh": amg_cfgs[m].pred_iou_thresh,
+                  "stability_score_thresh": amg_cfgs[m].stability_score_thresh,
+                  "max_masks": amg_cfgs[m].max_masks} for m in methods if m in amg_cfgs},
+      "methods": {m: stats[m].summary() for m in methods},
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                  "jax": jax.__version__, "backend": jax.default_backend(),
+                  "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+      "notes": [],
+  }
+  if b.random_sam:
+    result["notes"].append(
+        "SAM weights are RANDOM (no official weights can be downloaded here): predicted masks, "
+        "mIoU, recall@0.5 and mask counts are meaningless; the prompt metrics (prompt recall, "
+        "prompts/image) and latencies are meaningful.")
+  ms = result["methods"]
+  if "aop" in ms and "amg_s" in ms:
+    result["aop_vs_amg_s"] = {
+        "prompt_ratio": ms["aop"]["prompts_per_image"] / ms["amg_s"]["prompts_per_image"],
+        "target_prompt_ratio_max": 1 / 8,
+        "prompt_recall_delta": ms["aop"]["prompt_recall"] - ms["amg_s"]["prompt_recall"]}
+  if "aop" in ms and "amg_d" in ms and "latency_median_s" in ms.get("amg_d", {}) \
+      and "latency_median_s" in ms["aop"]:
+    result["aop_vs_amg_d"] = {
+        "speedup": ms["amg_d"]["latency_median_s"] / ms["aop"]["latency_median_s"],
+        "target_speedup_min": 5.0}
+  return result
+
+
+NAMES = {"aop": "AoP-SAM", "amg_s": "AMG_S (16x16)", "amg_d": "AMG_D (32x32)"}
+
+
+def _f(v, fmt="{:.3f}"):
+  if v is None or (isinstance(v, float) and not np.isfinite(v)):
+    return "n/a"
+  return fmt.format(v)
+
+
+def to_markdown(res: dict) -> str:
+  ms = res["methods"]
+  rnd = res["sam"]["random_weights"]
+  star = " *" if rnd else ""
+  lines = [f"# AoP-SAM vs grid AMG on {os.path.basename(res['dataset']['dir'])} "
+           f"{res['dataset']['split']}",
+           "",
+           f"SAM `{res['sam']['model']}` ({'RANDOM weights' if rnd else 'trained weights'}); "
+           f"{res['dataset']['images']} images (grid AMG masks/latency on the first "
+           f"{res['dataset']['amg_mask_images']}); backend {res['machine']['backend']}, "
+           f"{res['machine']['cpu_count']} CPUs (shared), jax {res['machine']['jax']}.",
+           "",
+           f"| method | prompts/image | prompt recall | mIoU{star} | mIoU S/M/L{star} | "
+           f"recall@0.5{star} | masks/image{star} | median latency (s) | first call (s) | "
+           f"XLA mem (MiB) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for m, s in ms.items():
+    sml = "/".join(_f(s.get(f"miou_{k}"), "{:.2f}") for k in ("small", "medium", "large"))
+    lines.append(
+        f"| {NAMES.get(m, m)} | {_f(s.get('prompts_per_image'), '{:.1f}')} | "
+        f"{_f(s.get('prompt_recall'))} | {_f(s.get('miou'))} | {sml} | {_f(s.get('recall_50'))} | "
+        f"{_f(s.get('masks_per_image'), '{:.1f}')} | {_f(s.get('latency_median_s'), '{:.3f}')} | "
+        f"{_f(s.get('first_call_s'), '{:.1f}')} | {_f(s.get('xla_total_mib'), '{:.0f}')} |")
+  lines.append("")
+  if "aop_vs_amg_s" in res:
+    r = res["aop_vs_amg_s"]
+    lines.append(f"- AoP-SAM decodes {r['prompt_ratio']:.3f}x the prompts of AMG_S (target <= "
+                 f"{r['target_prompt_ratio_max']:.3f}); prompt recall difference "
+                 f"{r['prompt_recall_delta']:+.3f} (target >= 0).")
+  if "aop_vs_amg_d" in res:
+    r = res["aop_vs_amg_d"]
+    lines.append(f"- End-to-end latency: AoP-SAM is {r['speedup']:.1f}x faster than AMG_D "
+                 f"(target >= {r['target_speedup_min']:.0f}x).")
+  for n in res["notes"]:
+    lines.append(f"- {'* ' if rnd else ''}{n}")
+  lines.append(f"- Process peak RSS {res['machine']['process_peak_rss_mib']:.0f} MiB (all methods).")
+  return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ms = res["methods"]
+  names = [NAMES.get(m, m) for m in ms]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  panels = [("prompts_per_image", "prompts decoded / image", True),
+            ("prompt_recall", "prompt recall (GT instances hit)", False),
+            ("latency_median_s", "median latency (s, log)", True)]
+  colors = ["tab:green", "tab:blue", "tab:orange", "tab:gray"]
+  for ax, (key, title, log) in zip(axes, panels):
+    vals = [ms[m].get(key, np.nan) for m in ms]
+    ax.bar(names, vals, color=colors[:len(vals)])
+    for i, v in enumerate(vals):
+      if np.isfinite(v):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    if log:
+      ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelsize=8)
+  sam = res["sam"]
+  fig.suptitle(f"{os.path.basename(res['dataset']['dir'])} {res['dataset']['split']}: SAM "
+               f"{sam['model']}{' (RANDOM weights)' if sam['random_weights'] else ''}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_outputs(res: dict, out_prefix: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+  with open(out_prefix + ".json", "w") as f:
+    json.dump(res, f, indent=1, default=str)
+  with open(out_prefix + ".md", "w") as f:
+    f.write(to_markdown(res))
+  plot(res, out_prefix + ".png")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--data", required=True, help="COCO-format dir (annotations/, <split>2017/)")
+  p.add_argument("--split", default="val")
+  p.add_argument("--bundle", default=None, help="AoP-SAM bundle dir (default: shipped one)")
+  p.add_argument("--sam-checkpoint", default=None, help="converted SAM weights (override)")
+  p.add_argument("--methods", default="aop,amg_s,amg_d")
+  p.add_argument("--limit", type=int, default=None, help="first N images (by id)")
+  p.add_argument("--amg-images", type=int, default=5,
+                 help="images on which grid AMG is run (masks, latency; first one compiles)")
+  p.add_argument("--asf", action="append", default=[],
+                 help="AsfConfig override, e.g. --asf k_coarse=16 (repeatable)")
+  p.add_argument("--out", default="benchmarks/results/eval_coco_tiny")
+  a = p.parse_args(argv)
+  over = {}
+  for kv in a.asf:
+    k, v = kv.split("=", 1)
+    over[k] = float(v) if "." in v or "e" in v else int(v)
+  res = evaluate(a.data, a.split, a.bundle, a.sam_checkpoint, tuple(a.methods.split(",")),
+                 a.limit, a.amg_images, over or None)
+  write_outputs(res, a.out)
+  print(to_markdown(res))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
