@@ -48,6 +48,44 @@ def stability_score(logits: Array, threshold: float = 0.0, offset: float = 1.0,
   return jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0).astype(jnp.float32)
 
 
+def _upsample_phases(x: Array, factor: int, axis: int):
+  """Bilinear (align_corners=False, edge-clamped) upsampling of `x` by an
+  integer factor along `axis`, returned as `factor` phase arrays: phase k
+  holds output samples factor * i + k."""
+  n = x.shape[axis]
+  take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)
+  prev = jnp.concatenate([take(0, 1), take(0, n - 1)], axis=axis)
+  nxt = jnp.concatenate([take(1, n), take(n - 1, n)], axis=axis)
+  out = []
+  for k in range(factor):
+    d = (k + 0.5) / factor - 0.5
+    out.append((1 + d) * x - d * prev if d < 0 else (1 - d) * x + d * nxt)
+  return out
+
+
+def stability_score_upsampled(logits: Array, input_hw: Array, img_size: int,
+                              threshold: float = 0.0, offset: float = 1.0) -> Array:
+  """Stability score of low-res logits (..., l, l) upsampled bilinearly to the
+  padded input resolution `img_size` and cropped to `input_hw` -- the
+  official `postprocess_masks` first stage -- without materialising the
+  upsampled masks: the img_size / l phases are counted one at a time.
+  """
+  l = logits.shape[-1]
+  f = img_size // l
+  if f * l != img_size:
+    raise ValueError(f"img_size {img_size} is not a multiple of the low-res size {l}")
+  i = jnp.arange(l)
+  inter = jnp.zeros(logits.shape[:-2], jnp.int32)
+  union = jnp.zeros(logits.shape[:-2], jnp.int32)
+  for kr, rows in enumerate(_upsample_phases(logits, f, logits.ndim - 2)):
+    row_ok = (f * i + kr) < input_hw[0]
+    for kc, ph in enumerate(_upsample_phases(rows, f, logits.ndim - 1)):
+      ok = row_ok[:, None] & ((f * i + kc) < input_hw[1])[None, :]
+      inter += jnp.sum((ph > threshold + offset) & ok, axis=(-2, -1), dtype=jnp.int32)
+      union += jnp.sum((ph > threshold - offset) & ok, axis=(-2, -1), dtype=jnp.int32)
+  return jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0).astype(jnp.float32)
+
+
 # --- boxes -------------------------------------------------------------------
 
 

@@ -159,3 +159,15 @@ def test_rle_matches_pycocotools():
   assert rle.encode(big)["counts"] == coco_mask.encode(np.asfortranarray(big.astype(np.uint8)))[
       "counts"].decode()
   assert rle.string_to_counts(rle.encode(big)["counts"]) == rle.encode_uncompressed(big)[0]["counts"]
+
+
+def test_stability_upsampled_matches_materialised_upsampling():
+  rng = np.random.default_rng(6)
+  logits = rng.normal(0, 0.3, (3, 2, 64, 64)).astype(np.float32)
+  input_hw = np.array([256, 171], np.int32)
+  up = np.asarray(postprocess_masks(jnp.asarray(logits), input_hw, input_hw, (256, 256), 256))
+  up = up[..., :256, :171]
+  want = off.calculate_stability_score(torch.from_numpy(np.ascontiguousarray(up)), 0.0, 0.05)
+  got = mask_ops.stability_score_upsampled(jnp.asarray(logits), jnp.asarray(input_hw), 256,
+                                           0.0, 0.05)
+  np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=2e-3)
