@@ -1,0 +1,164 @@
+"""Grid AMG benchmark: this JAX port vs the official PyTorch SamAutomaticMaskGenerator.
+
+  python benchmarks/bench_amg.py                      # vit_t, AMG_S + AMG_D (official: AMG_S)
+  python benchmarks/bench_amg.py --official S,D --model-type vit_b --repeats 3
+
+Each (implementation, setting) runs in its own subprocess so peak memory is
+its own: process peak RSS (ru_maxrss) and, on a GPU, JAX's peak device bytes.
+Timing: end to end per image (image array -> mask records with binary masks
+at the original resolution), after one warm-up call (= compilation for JAX),
+median of --repeats.  Both use the same random-init weights (the official
+model with tests/reference.py's init, converted) and random-init thresholds
+(pred_iou -1, stability 0.25 @ offset 0.05, NMS 0.7) so masks survive.
+Writes the table to benchmarks/results/amg_<backend>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+THRESH = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.25, stability_score_offset=0.05,
+              box_nms_thresh=0.7)
+SETTINGS = {"S": 16, "D": 32}
+
+
+def _image():
+  from aopsam_jax.image_io import load_image, sample_image_path
+  return load_image(sample_image_path())
+
+
+def worker(impl: str, setting: str, model_type: str, repeats: int) -> dict:
+  import numpy as np
+  from aopsam_jax.config import get_sam_config
+  from tests.reference import build_torch_sam, state_dict_numpy
+  cfg = get_sam_config(model_type)
+  tsam = build_torch_sam(cfg, seed=0)
+  image = _image()
+  n = SETTINGS[setting]
+  kw = dict(points_per_side=n, **THRESH)
+  if impl == "official":
+    import torch
+    from segment_anything import SamAutomaticMaskGenerator
+    gen = SamAutomaticMaskGenerator(tsam, **kw)
+    run = lambda: gen.generate(image)
+    prompts = lambda res: n * n
+  else:
+    import jax
+    from aopsam_jax import amg
+    from aopsam_jax.params import build_model, convert_state_dict
+    _, params = convert_state_dict(state_dict_numpy(tsam), cfg)
+    model = build_model(cfg, params)
+    del tsam
+    acfg = amg.AmgConfig(**kw)
+    state = {}
+
+    def run():
+      out = amg.generate(model, amg.prepare(image, acfg), acfg)
+      state["out"] = out
+      return amg.to_records(out)
+
+    def prompts(res):
+      out = jax.device_get(state["out"])
+      ok = np.asarray(out["valid"])
+      pts = {tuple(p) for p in np.asarray(out["points"])[ok].tolist()}
+      return n * n + len(pts)  # grid + re-decoded unique prompts
+  t0 = time.perf_counter()
+  res = run()
+  warm = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    res = run()
+    times.append(time.perf_counter() - t0)
+  out = {"impl": impl, "setting": f"AMG_{setting}", "points": n * n, "masks": len(res),
+         "first_call_s": warm, "s_per_image": float(np.median(times)),
+         "prompts_decoded": prompts(res),
+         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  if impl == "jax":
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
+  return out
+
+
+def machine() -> str:
+  import jax
+  d = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except Exception:
+    pass
+  return (f"{platform.node()} | {os.cpu_count()} CPU threads ({cpu}) | JAX {jax.__version__} "
+          f"{d.platform}:{d.device_kind} | load avg {os.getloadavg()[0]:.1f}")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model-type", default="vit_t", help="vit_t (default, fast) / vit_b / vit_l / vit_h")
+  p.add_argument("--settings", default="S,D", help="AMG settings to run: S (16x16), D (32x32)")
+  p.add_argument("--official", default="S",
+                 help="settings also run with the official PyTorch generator ('S,D', 'none'); "
+                      "the default skips official AMG_D to keep the run short on a CPU")
+  p.add_argument("--repeats", type=int, default=1, help="timed calls after the warm-up")
+  p.add_argument("--out", default=None, help="markdown path (default results/amg_<backend>.md)")
+  p.add_argument("--worker", nargs=2, metavar=("IMPL", "SETTING"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    print("RESULT " + json.dumps(worker(*args.worker, args.model_type, args.repeats)))
+    return 0
+  import jax
+  backend = jax.default_backend()
+  mach = machine()
+  print(mach, flush=True)
+  official = [] if args.official == "none" else args.official.split(",")
+  rows = []
+  for s in args.settings.split(","):
+    for impl in (["jax"] + (["official"] if s in official else [])):
+      cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, s,
+             "--model-type", args.model_type, "--repeats", str(args.repeats)]
+      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+      line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      if proc.returncode or not line:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"worker {impl} {s} failed")
+      r = json.loads(line[0][7:])
+      print(r, flush=True)
+      rows.append(r)
+  lines = [f"# Grid AMG: JAX port vs official PyTorch ({args.model_type}, random-init weights)",
+           "", f"Machine: {mach}", "",
+           f"Image: bundled sample (640x428); thresholds {THRESH}; median of {args.repeats} "
+           "call(s) after a warm-up/compile call.", "",
+           "| setting | implementation | s / image | first call s | prompts decoded | masks | "
+           "peak RSS MiB | peak device MiB |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['setting']} | {'this port (JAX)' if r['impl'] == 'jax' else 'official (PyTorch)'}"
+                 f" | {r['s_per_image']:.2f} | {r['first_call_s']:.2f} | {r['prompts_decoded']} | "
+                 f"{r['masks']} | {r['peak_rss_mib']:.0f} | "
+                 f"{r.get('peak_device_mib', float('nan')):.0f} |")
+  text = "\n".join(lines) + "\n"
+  path = args.out or os.path.join(HERE, "results", f"amg_{backend}.md")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  print(text)
+  print("wrote", path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
