@@ -1,0 +1,80 @@
+r"""Sweep ASF prompt settings: prompt recall vs prompts/image on a COCO split.
+
+  python benchmarks/sweep_asf.py --data /work/shared/data/coco_tiny --bundle DIR \
+      [--split val] [--out benchmarks/results/eval_asf_sweep.json]
+
+Heatmaps (SAM encoder + predictor) are computed once per image; ASF then
+runs with a decoder that accepts no mask (what random SAM weights give with
+the official IoU / stability filters), so the fine stage samples the next
+peaks.  With real SAM weights accepted masks would also remove covered
+peaks (fewer, better-spread prompts).  Used to choose the AsfConfig defaults.
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def main(argv=None):
+  from aopsam_jax import asf, bundle as bundle_lib, pipeline
+  from aopsam_jax.data.coco import load_annotations
+  from aopsam_jax.data.targets import TargetConfig
+  from aopsam_jax.image_io import load_image
+  from aopsam_jax.trainer.evaluation import ImageGT, summarize
+  from aopsam_jax.transforms import preprocess
+
+  p = argparse.ArgumentParser()
+  p.add_argument("--data", required=True)
+  p.add_argument("--split", default="val")
+  p.add_argument("--bundle", default=None)
+  p.add_argument("--out", default="benchmarks/results/eval_asf_sweep.json")
+  a = p.parse_args(argv)
+  b = bundle_lib.load_bundle(a.bundle, quiet=True)
+  images, anns = load_annotations(os.path.join(a.data, "annotations",
+                                               f"instances_{a.split}2017.json"))
+  hm_fn = jax.jit(lambda x, ihw: b.model.heatmap(preprocess(x, ihw)[None])[1][0])
+  data = []
+  for im in sorted(images, key=lambda i: i["id"]):
+    img = load_image(os.path.join(a.data, f"{a.split}2017", im["file_name"]))
+    inp = pipeline.prepare(img)
+    hm = hm_fn(jnp.asarray(inp.padded), jnp.asarray(inp.input_hw))
+    data.append((hm, inp, ImageGT(anns[im["id"]], img.shape[0], img.shape[1], TargetConfig())))
+
+  def no_mask_decoder(pts, ok):
+    k = pts.shape[0]
+    return jnp.full((k, 3, 256, 256), -10.0), jnp.zeros((k, 3))
+
+  rows = []
+  grid = itertools.product([16, 24], [0, 8], [0.02, 0.05], [0.0, 0.1, 0.2])
+  for k1, k2, ab, rel in grid:
+    if k1 + k2 > 32:
+      continue
+    cfg = dataclasses.replace(asf.AsfConfig(), k_coarse=k1, k_fine=k2, abs_threshold=ab,
+                              rel_threshold=rel, fine_abs_threshold=ab / 2.5,
+                              fine_rel_threshold=rel / 2)
+    fn = jax.jit(lambda h, ihw: asf.run(h, ihw, no_mask_decoder, cfg))
+    tot = {}
+    for hm, inp, g in data:
+      o = jax.device_get(fn(hm, jnp.asarray(inp.input_hw)))
+      sc = np.array([inp.original_hw[1] / inp.input_hw[1], inp.original_hw[0] / inp.input_hw[0]])
+      c = g.counts(np.asarray(o["prompts_in"]) * sc, np.asarray(o["prompt_valid"]))
+      for key, v in c.items():
+        tot[key] = tot.get(key, 0.0) + v
+    s = summarize(tot)
+    rows.append(dict(k_coarse=k1, k_fine=k2, abs_threshold=ab, rel_threshold=rel, **s))
+    print(json.dumps(rows[-1]), flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+  with open(a.out, "w") as f:
+    json.dump(rows, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
