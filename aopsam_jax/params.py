@@ -365,10 +365,20 @@ def params_into_model(model: Sam, params: Mapping[str, np.ndarray]) -> Sam:
 
 def build_model(cfg: SamConfig, params: Optional[Mapping[str, np.ndarray]] = None, *,
                 dtype=None, seed: int = 0) -> Sam:
-  """A Sam with the given flat params, or random-init when params is None."""
-  model = Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
-  if params is not None:
-    params_into_model(model, params)
+  """A Sam with the given flat params, or random-init when params is None.
+
+  With params, the model is built abstractly (`nnx.eval_shape`) and filled, so
+  no random init runs: no op-by-op compile, no second copy of the weights.
+  """
+  if params is None:
+    return Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
+  model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
+  params_into_model(model, params)
+  leftover = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
+              if isinstance(v.get_value() if hasattr(v, "get_value") else v.value,
+                            jax.ShapeDtypeStruct)]
+  if leftover:  # state outside nnx.Param would stay abstract
+    raise CheckpointError(f"model state not filled from params: {leftover[:5]}")
   return model
 
 

@@ -173,6 +173,7 @@ def run_cases(ours: OurPredictor, pred: SamPredictor, cases, label: str, stats=N
       kw["mask_input"] = prev
     o = ours.predict(**kw)
     t = torch_predict(pred, **kw)
+    assert t[2].std(axis=(-1, -2)).min() > 0.05 * np.abs(t[2]).mean(), f"{label} {name}: flat"
     compare(o, t, f"{label} {name}", stats)
     best = int(np.argmax(t[1][0]))
     prev = t[2][:, best]  # (1, 256, 256) torch low-res logits of the best mask
@@ -209,6 +210,7 @@ def test_predictor_parity_vit_t(vit_t, size, which):
   assert tuple(pred.input_size) == tuple(int(v) for v in ours.input_hw)
   e = rel_err(emb, pred.features.permute(0, 2, 3, 1).numpy())
   assert e <= REL_TOL, f"image embedding rel err {e:.2e}"
+  assert emb.std(axis=(1, 2)).mean() > 0.1 * np.abs(emb).mean()  # a non-degenerate reference
   cases = prompt_cases(h, w, seed=h + w)
   if which != "all":
     cases = [c for c in cases if c[0] in SOME]
