@@ -122,7 +122,12 @@ def run_prompt(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Di
                    "boxes": None if box is None else box[None], "overlay_top": 1}
 
 
-MODES: Dict[str, Callable] = {"amg": run_amg, "prompt": run_prompt}
+def run_aop(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  from aopsam_jax.pipeline import segment_cli_runner  # AoP-SAM: predictor + ASF, one jit
+  return segment_cli_runner(args, model, image)
+
+
+MODES: Dict[str, Callable] = {"aop": run_aop, "amg": run_amg, "prompt": run_prompt}
 
 
 # --- I/O ---------------------------------------------------------------------
@@ -189,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"],
                  help="architecture for random-init weights (and a hint for PyTorch "
                       "checkpoints); converted files carry their own config")
-  p.add_argument("--mode", default="amg", choices=sorted(MODES),
-                 help="amg: grid automatic mask generation; prompt: masks from --point/--box")
+  p.add_argument("--mode", default="aop", choices=sorted(MODES),
+                 help="aop: AoP-SAM (prompt predictor + adaptive sampling, --bundle); amg: grid "
+                      "automatic mask generation; prompt: masks from --point/--box")
+  p.add_argument("--bundle", default=None,
+                 help="aop mode: AoP-SAM bundle dir (default: the shipped coco_tiny vit_t one, "
+                      "random-init SAM); --checkpoint replaces its SAM")
   p.add_argument("--out", default="segment_out", help="output directory")
   p.add_argument("--seed", type=int, default=0, help="seed of the random-init weights")
   g = p.add_argument_group("amg (grid automatic mask generation; AMG_S = 16, AMG_D = 32 points "
