@@ -272,8 +272,7 @@ def test_transformers_model_parity(tmp_path):
   lbl = np.array([[1, 0]])
   box = np.array([[100.0, 150.0, 700.0, 600.0]], np.float32)
   mask = np.random.RandomState(3).randn(1, 256, 256).astype(np.float32) * 4
-  cases = {"points/multi": dict(pts=pts, lbl=lbl), "box/single": dict(box=box, multimask=False),
-           "box+points/multi": dict(pts=pts, lbl=lbl, box=box),
+  cases = {"points/multi": dict(pts=pts, lbl=lbl), "box+points/multi": dict(pts=pts, lbl=lbl, box=box),
            "points+mask/single": dict(pts=pts, lbl=lbl, mask=mask, multimask=False)}
   for name, c in cases.items():
     m_t, iou_t = _hf_forward(hf, emb_t, **c)
