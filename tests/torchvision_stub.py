@@ -9,6 +9,7 @@ installed into `sys.modules` only when the real package is missing.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 
@@ -84,6 +85,9 @@ def install() -> None:
   boxes.nms = nms
   tv.transforms, transforms.functional = transforms, functional
   tv.ops, ops.boxes = ops, boxes
+  for mod in (tv, transforms, functional, ops, boxes):
+    # A spec lets importlib.util.find_spec("torchvision") (used by transformers) work.
+    mod.__spec__ = importlib.machinery.ModuleSpec(mod.__name__, None)
   sys.modules.update({
       "torchvision": tv, "torchvision.transforms": transforms,
       "torchvision.transforms.functional": functional,
