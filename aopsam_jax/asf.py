@@ -49,9 +49,11 @@ DecodeFn = Callable[[Array, Array], Tuple[Array, Array]]
 class AsfConfig:
   """ASF settings (hashable: a static argument of the jitted pipeline).
 
-  Prompt-side values (`k_coarse`, `k_fine`, heatmap thresholds, `peak_kernel`)
-  were chosen by measurement of prompt recall vs prompts/image on coco_tiny
-  (see `benchmarks/results/eval_coco_tiny.md`).  The mask-quality thresholds
+  Prompt budget: k_coarse + k_fine = 32 = 1/8 of AMG_S's 256 prompts (the
+  target of issue #5).  The heatmap thresholds are provisional, NOT yet tuned
+  by measurement: `benchmarks/sweep_asf.py` sweeps them (prompt recall vs
+  prompts/image) but has not been run; with the current predictor almost
+  every image fills all 32 slots, so they rarely bind.  The mask-quality thresholds
   (`pred_iou_thresh`, `stability_score_thresh`, `nms_thresh`) are the official
   SAM AMG defaults: they can only be tuned with real SAM weights.
   """
