@@ -249,11 +249,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not paths:
     print("no images found", file=sys.stderr)
     return 1
+  # aop mode without --checkpoint runs the bundle's own SAM: build no second one.
+  bundle_sam = args.mode == "aop" and random_init
   if random_init:
+    which = "the AoP bundle's SAM" if bundle_sam else args.model_type
     print("=" * 72 + "\nWARNING: no --checkpoint given: using RANDOM-INIT weights "
-          f"({args.model_type}).\nThe masks are meaningless; this run only exercises the "
+          f"({which}).\nThe masks are meaningless; this run only exercises the "
           "pipeline.\n" + "=" * 72, file=sys.stderr)
-  model, weights = load_model(args.checkpoint, args.model_type, args.seed)
+  if bundle_sam:
+    model, weights = None, RANDOM_LABEL
+  else:
+    model, weights = load_model(args.checkpoint, args.model_type, args.seed)
   os.makedirs(args.out, exist_ok=True)
   runner = MODES[args.mode]
   from tqdm import tqdm

@@ -7,9 +7,13 @@ can be downloaded here), so its embedding is uninformative and the
 predictor learns from its image branch.  Embeddings are cached on disk.
 """
 
+import os
+
 import ml_collections
 
-SHARED = "/work/shared/data"
+# `../shared/data` beside the checkout; AOPSAM_DATA overrides it.
+SHARED = os.environ.get("AOPSAM_DATA", os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")))
 
 
 def sources():

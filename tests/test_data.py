@@ -202,7 +202,8 @@ def test_example_transform_online(tmp_path):
 
 @pytest.mark.slow
 def test_shared_coco_tiny(tmp_path):
-  root = "/work/shared/data/coco_tiny"
+  from tests.reference import shared_data_dir
+  root = os.path.join(shared_data_dir(), "coco_tiny")
   if not os.path.isdir(root):
     pytest.skip("shared coco_tiny not available")
   tfds_dir = coco.prepare("coco_tiny", root, str(tmp_path), {

@@ -7,8 +7,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from aopsam_jax import evaluate
+from tests.reference import shared_data_dir
 
-COCO_TINY = "/work/shared/data/coco_tiny"
+COCO_TINY = os.path.join(shared_data_dir(), "coco_tiny")
 
 
 def test_best_ious_matches_pycocotools():
