@@ -50,17 +50,23 @@ class AsfConfig:
   """ASF settings (hashable: a static argument of the jitted pipeline).
 
   Prompt budget: k_coarse + k_fine = 32 = 1/8 of AMG_S's 256 prompts (the
-  target of issue #5).  The heatmap thresholds are provisional, NOT yet tuned
-  by measurement: `benchmarks/sweep_asf.py` sweeps them (prompt recall vs
-  prompts/image) but has not been run; with the current predictor almost
-  every image fills all 32 slots, so they rarely bind.  The mask-quality thresholds
-  (`pred_iou_thresh`, `stability_score_thresh`, `nms_thresh`) are the official
-  SAM AMG defaults: they can only be tuned with real SAM weights.
+  target of issue #5).  `peak_kernel` was chosen by measurement
+  (`benchmarks/sweep_asf.py`, shipped predictor, coco_tiny val, results in
+  BENCHMARKS.md): prompt recall at 32 prompts/image was 0.416 / 0.447 /
+  0.472 / 0.474 / 0.479 for windows 3 / 7 / 11 / 15 / 21 (precision falling
+  0.54 -> 0.48); 11 is the knee.  The heatmap thresholds (abs/rel) did not
+  bind in that sweep (almost every image fills all 32 slots with any of
+  0.02 / 0.05 x 0.0 / 0.1), so they only matter for near-empty heatmaps.
+  The split k_coarse / k_fine cannot be tuned without real SAM weights: with
+  random weights no mask passes the filters, so the fine stage just takes
+  the next peaks.  The mask-quality thresholds (`pred_iou_thresh`,
+  `stability_score_thresh`, `nms_thresh`) are the official SAM AMG defaults:
+  they too can only be tuned with real SAM weights.
   """
 
   k_coarse: int = 24               # coarse prompt slots
   k_fine: int = 8                  # fine prompt slots (uncovered regions)
-  peak_kernel: int = 3             # max-pool NMS window on the 256x256 heatmap
+  peak_kernel: int = 11            # max-pool NMS window on the 256x256 heatmap (measured)
   abs_threshold: float = 0.05      # coarse: probability > max(abs, rel * image max)
   rel_threshold: float = 0.1
   fine_abs_threshold: float = 0.02  # fine stage: lower bar, only where uncovered

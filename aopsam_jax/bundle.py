@@ -142,3 +142,67 @@ def random_bundle(sam_model: str = "vit_t", seed: int = 0, predictor_cfg=None,
   return Bundle(AopSam(sam, predictor), asf_cfg,
                 {"random_init": {"model": sam_model, "seed": seed}},
                 {"notes": "random-init SAM and UNTRAINED prompt predictor"})
+
+
+# --- `python -m aopsam_jax.bundle`: training workdir -> bundle ----------------
+
+
+def _parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def main(argv=None) -> int:
+  import argparse
+  p = argparse.ArgumentParser(
+      prog="python -m aopsam_jax.bundle",
+      description="Package a trained prompt predictor (the `predictor/` folder that "
+                  "`python -m aopsam_jax.train` writes into its workdir) with the SAM it was "
+                  "trained on and an ASF config into one AoP-SAM bundle directory, loadable "
+                  "with `aopsam_jax.bundle.load_bundle(DIR)` and `segment --bundle DIR`.")
+  p.add_argument("--predictor", required=True,
+                 help="predictor directory (config.json + params.safetensors), e.g. WORKDIR/predictor")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--sam-checkpoint", help="converted SAM weights (.safetensors) the predictor "
+                                            "was trained on; copied into the bundle")
+  src.add_argument("--sam-random", metavar="MODEL:SEED",
+                   help="the predictor was trained on a RANDOM-init SAM (e.g. vit_t:0); only "
+                        "the model name and seed are stored")
+  p.add_argument("--asf", action="append", default=[], metavar="FIELD=VALUE",
+                 help="AsfConfig field override (repeatable), e.g. --asf peak_kernel=7")
+  p.add_argument("--notes", default="", help="free text stored in bundle.json")
+  p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                 help="metadata entry stored in bundle.json (repeatable), e.g. --meta train_steps=400")
+  p.add_argument("--out", required=True, help="bundle directory to write")
+  a = p.parse_args(argv)
+  predictor, _ = load_predictor(a.predictor)
+  over = {}
+  for kv in a.asf:
+    if "=" not in kv:
+      p.error(f"--asf needs FIELD=VALUE, got {kv!r}")
+    k, v = kv.split("=", 1)
+    over[k] = _parse_value(v)
+  asf_cfg = _asf_from_dict({**dataclasses.asdict(AsfConfig()), **over})
+  meta = {}
+  for kv in a.meta:
+    k, _, v = kv.partition("=")
+    meta[k] = _parse_value(v)
+  if a.sam_random:
+    model, _, seed = a.sam_random.partition(":")
+    random_init = {"model": model, "seed": int(seed or 0)}
+    sam = build_model(get_sam_config(model), seed=random_init["seed"])
+  else:
+    random_init, sam = None, load_sam(a.sam_checkpoint)
+  save_bundle(a.out, sam, predictor, asf_cfg, random_init=random_init, notes=a.notes,
+              metadata=meta)
+  print(f"wrote bundle {a.out} (SAM: {a.sam_random or a.sam_checkpoint})")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main())

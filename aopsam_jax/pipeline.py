@@ -208,5 +208,7 @@ def segment_cli_runner(args, model, image: np.ndarray):
   inp = prepare(image, cfg.img_size)
   out = segment_jit(split, inp.padded, inp.input_hw, inp.original_hw, cfg)
   records = to_records(out, "binary_mask", cfg.img_size)
-  pts = np.array([r["point_coords"][0] for r in records], np.float32).reshape(-1, 2)
+  # --show-points draws every DECODED prompt (not only those whose mask survived):
+  # the prompt locations are what the predictor learned.
+  pts = np.asarray(out["prompt_points"], np.float32)[np.asarray(out["prompt_valid"], bool)]
   return records, {"points": pts if getattr(args, "show_points", False) else None}

@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--max-masks", type=int, default=256,
                  help="static capacity: at most this many masks per image (highest scores)")
   g.add_argument("--show-points", action="store_true",
-                 help="draw each mask's prompt point on the overlay")
+                 help="draw the prompt points on the overlay (amg: each mask's point; aop: every "
+                      "decoded prompt)")
   q = p.add_argument_group("prompt (segment from a prompt)")
   q.add_argument("--point", action="append", metavar="X,Y",
                  help="prompt point in image pixels; repeat for several points")

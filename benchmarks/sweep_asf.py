@@ -35,6 +35,13 @@ def main(argv=None):
   p.add_argument("--split", default="val")
   p.add_argument("--bundle", default=None)
   p.add_argument("--out", default="benchmarks/results/eval_asf_sweep.json")
+  ints = lambda t: [int(v) for v in t.split(",")]
+  floats = lambda t: [float(v) for v in t.split(",")]
+  p.add_argument("--k-coarse", type=ints, default=[16, 24, 32], help="comma-separated values")
+  p.add_argument("--budget", type=int, default=32, help="k_coarse + k_fine (prompts/image cap)")
+  p.add_argument("--kernels", type=ints, default=[3, 7, 11, 15], help="peak NMS windows")
+  p.add_argument("--abs", type=floats, default=[0.02, 0.05], help="abs_threshold values")
+  p.add_argument("--rel", type=floats, default=[0.0, 0.1], help="rel_threshold values")
   a = p.parse_args(argv)
   b = bundle_lib.load_bundle(a.bundle, quiet=True)
   images, anns = load_annotations(os.path.join(a.data, "annotations",
@@ -52,11 +59,13 @@ def main(argv=None):
     return jnp.full((k, 3, 256, 256), -10.0), jnp.zeros((k, 3))
 
   rows = []
-  grid = itertools.product([16, 24], [0, 8], [0.02, 0.05], [0.0, 0.1, 0.2])
-  for k1, k2, ab, rel in grid:
-    if k1 + k2 > 32:
+  grid = itertools.product(a.k_coarse, a.kernels, a.abs, a.rel)
+  for k1, kern, ab, rel in grid:
+    k2 = a.budget - k1
+    if k2 < 0:
       continue
-    cfg = dataclasses.replace(asf.AsfConfig(), k_coarse=k1, k_fine=k2, abs_threshold=ab,
+    cfg = dataclasses.replace(asf.AsfConfig(), k_coarse=k1, k_fine=k2, peak_kernel=kern,
+                              abs_threshold=ab,
                               rel_threshold=rel, fine_abs_threshold=ab / 2.5,
                               fine_rel_threshold=rel / 2)
     fn = jax.jit(lambda h, ihw: asf.run(h, ihw, no_mask_decoder, cfg))
@@ -68,7 +77,8 @@ def main(argv=None):
       for key, v in c.items():
         tot[key] = tot.get(key, 0.0) + v
     s = summarize(tot)
-    rows.append(dict(k_coarse=k1, k_fine=k2, abs_threshold=ab, rel_threshold=rel, **s))
+    rows.append(dict(k_coarse=k1, k_fine=k2, peak_kernel=kern, abs_threshold=ab,
+                     rel_threshold=rel, **s))
     print(json.dumps(rows[-1]), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:

@@ -355,3 +355,51 @@ def test_cli_subprocess(tiny, tmp_path):
                      text=True, timeout=120)
   assert r.returncode == 1
   assert "Traceback" not in r.stderr and str(bad) in r.stderr
+
+
+NO_TORCH_CHILD = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+  # Behave as if torch (and what needs it) were not installed.
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("torch", "torchvision", "segment_anything", "transformers"):
+      raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+sys.meta_path.insert(0, Block())
+import json
+import numpy as np
+from aopsam_jax.params import load_sam
+from aopsam_jax.predictor import SamPredictor
+sam = load_sam(sys.argv[1])
+pred = SamPredictor(sam)
+pred.set_image(np.load(sys.argv[2]))
+masks, iou, low = pred.predict(point_coords=np.array([[20.0, 30.0]]), point_labels=np.array([1]),
+                               multimask_output=True)
+assert "torch" not in sys.modules
+np.savez(sys.argv[3], low=np.asarray(low), iou=np.asarray(iou))
+"""
+
+
+def test_library_runs_without_torch(tiny, tmp_path, capsys):
+  """Convert here (torch present), then load + embed + predict in a process
+  where importing torch fails; its outputs match the official predictor."""
+  from tests.test_parity import synthetic_image, torch_predict
+  from segment_anything import SamPredictor as OfficialPredictor
+  sam, _, pth = tiny
+  out = tmp_path / "sam.safetensors"
+  assert run_cli(["-c", pth, "-o", out], capsys)[0] == 0
+  img = synthetic_image(60, 80, seed=1)
+  np.save(tmp_path / "img.npy", img)
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_DEFAULT_MATMUL_PRECISION="highest")
+  r = subprocess.run([sys.executable, "-c", NO_TORCH_CHILD, str(out), str(tmp_path / "img.npy"),
+                      str(tmp_path / "res.npz")], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = np.load(tmp_path / "res.npz")
+  ref = OfficialPredictor(sam)
+  ref.set_image(img)
+  _, iou_t, low_t = torch_predict(ref, np.array([[[20.0, 30.0]]]), np.array([[1]]),
+                                  multimask_output=True)
+  from tests.reference import rel_err
+  assert rel_err(got["low"], low_t[0]) < 1e-4
+  assert rel_err(got["iou"], iou_t[0]) < 1e-4

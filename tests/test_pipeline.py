@@ -21,7 +21,8 @@ from aopsam_jax import pipeline
 from aopsam_jax.image_io import load_image, sample_image_path
 from aopsam_jax.prompt_predictor import PromptPredictorConfig
 
-CFG = pipeline.AsfConfig(k_coarse=6, k_fine=2, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+CFG = pipeline.AsfConfig(k_coarse=6, k_fine=2, peak_kernel=7, pred_iou_thresh=0.0,
+                         stability_score_thresh=0.0,
                          abs_threshold=0.0, rel_threshold=0.0, fine_abs_threshold=0.0,
                          fine_rel_threshold=0.0, max_masks=8, nms_thresh=0.9)
 PP = PromptPredictorConfig(img_channels=(8, 16, 32), embed_proj=32, hidden=32, dec_channels=(16, 8),
@@ -77,13 +78,14 @@ def test_prompts_are_heatmap_peaks(setup, outputs):
     pv = np.asarray(o["prompt_valid"])
     pts = np.asarray(o["prompt_points"])[pv] * np.array([iw / ow, ih / oh])  # input frame
     pix = np.floor(pts / 4.0).astype(int)
-    # numpy reference: 3x3 local maxima inside the valid region, top-k by value
+    # numpy reference: k x k local maxima inside the valid region, top-k by value
     reg = np.zeros_like(hm, bool)
     reg[: -(-ih // 4), : -(-iw // 4)] = True
     x = np.where(reg, hm, -np.inf)
-    xp = np.pad(x, 1, constant_values=-np.inf)
-    nb = np.stack([xp[1 + dy:1 + dy + 256, 1 + dx:1 + dx + 256]
-                   for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])
+    r = CFG.peak_kernel // 2
+    xp = np.pad(x, r, constant_values=-np.inf)
+    nb = np.stack([xp[r + dy:r + dy + 256, r + dx:r + dx + 256]
+                   for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)])
     is_max = reg & (x >= nb.max(0))
     coarse = pix[: min(pv[:CFG.k_coarse].sum(), len(pix))]
     vals = np.sort(hm[is_max])[::-1]
