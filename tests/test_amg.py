@@ -129,7 +129,6 @@ def test_generator_compiles_once_for_all_sizes(models):
     assert outs[0][k].shape == outs[1][k].shape
 
 
-@pytest.mark.slow
 def test_amg_crop_layers_static(models):
   """crop_n_layers=1: 5 crops in one jit; crop boxes / points in the image frame."""
   _, model = models

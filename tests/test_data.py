@@ -200,7 +200,6 @@ def test_example_transform_online(tmp_path):
   assert ex["target"].shape == ex["weight"].shape == (256, 256)
 
 
-@pytest.mark.slow
 def test_shared_coco_tiny(tmp_path):
   from tests.reference import shared_data_dir
   root = os.path.join(shared_data_dir(), "coco_tiny")

@@ -60,7 +60,6 @@ def test_markdown_and_plot(tmp_path):
   assert (tmp_path / "r.png").stat().st_size > 1000
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(COCO_TINY), reason="coco_tiny not available")
 def test_evaluate_runs_on_coco_tiny(tmp_path):
   res = evaluate.evaluate(COCO_TINY, "val", methods=("aop", "amg_s"), limit=2, amg_images=0,

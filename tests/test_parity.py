@@ -322,7 +322,6 @@ def test_layerwise_vit_t(vit_t):
 # --- full ViT-B at 1024 -------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_vit_b_full_parity(tmp_path):
   """Exact vit_b architecture (12 blocks, 768 wide, 1024 input): one image, a few prompts.
 

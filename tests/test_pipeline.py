@@ -95,7 +95,6 @@ def test_prompts_are_heatmap_peaks(setup, outputs):
     assert pv[:CFG.k_coarse].sum() == min(CFG.k_coarse, is_max.sum())
 
 
-@pytest.mark.slow
 def test_masks_match_eager_decoder(setup, outputs):
   b, _, inps = setup
   outs, _ = outputs
@@ -122,7 +121,6 @@ def test_masks_match_eager_decoder(setup, outputs):
     assert 0 <= x and x + w <= ow and 0 <= y and y + h <= oh
 
 
-@pytest.mark.slow
 def test_batch_inside_user_jit_matches_single(setup, outputs):
   b, (gd, st), inps = setup
   outs, _ = outputs

@@ -135,7 +135,6 @@ def reference_run(synth):
   return w
 
 
-@pytest.mark.slow
 def test_sigkill_and_restart(synth, reference_run):
   root, tmp = synth
   w = os.path.join(tmp, "killed")
@@ -156,7 +155,6 @@ def test_sigkill_and_restart(synth, reference_run):
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
-@pytest.mark.slow
 def test_eight_devices_same_curve(synth, reference_run):
   root, tmp = synth
   w = os.path.join(tmp, "dev8")
@@ -168,7 +166,6 @@ def test_eight_devices_same_curve(synth, reference_run):
   np.testing.assert_allclose(_losses(w), _losses(reference_run), rtol=2e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_two_processes_same_curve(synth, reference_run):
   root, tmp = synth
   w = os.path.join(tmp, "proc2")
