@@ -31,7 +31,7 @@ from flax import nnx
 from aopsam_jax.asf import AsfConfig
 from aopsam_jax.config import get_sam_config
 from aopsam_jax.embed_cache import encoder_fingerprint
-from aopsam_jax.params import build_model, load_sam, save_converted
+from aopsam_jax.params import build_model, flat_params, load_sam, save_converted
 from aopsam_jax.pipeline import AopSam
 from aopsam_jax.prompt_predictor import PromptPredictor, load_predictor, save_predictor
 
@@ -84,10 +84,7 @@ def save_bundle(path: str, sam, predictor: PromptPredictor, asf_cfg: AsfConfig =
                        "save its weights instead")
     sam_info = {"random_init": {"model": random_init["model"], "seed": int(random_init["seed"])}}
   else:
-    flat = {".".join(str(k) for k in key):
-            np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-            for key, v in nnx.to_flat_state(nnx.state(sam, nnx.Param))}
-    save_converted(os.path.join(path, "sam.safetensors"), sam.config, flat)
+    save_converted(os.path.join(path, "sam.safetensors"), sam.config, flat_params(sam))
     sam_info = {"weights": "sam.safetensors"}
   save_predictor(os.path.join(path, "predictor"), predictor)
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "sam": sam_info,

@@ -344,6 +344,17 @@ def read_converted(path: str) -> Tuple[SamConfig, Dict[str, np.ndarray], Dict[st
   return SamConfig.from_json(meta["sam_config"]), tensors, meta
 
 
+def _value(var):
+  return var.get_value() if hasattr(var, "get_value") else var.value  # flax >= / < 0.12
+
+
+def flat_params(module: nnx.Module) -> Dict[str, np.ndarray]:
+  """{dotted NNX path: numpy array} of a module's nnx.Param leaves (the
+  layout `save_converted` and the predictor's safetensors use)."""
+  return {".".join(str(k) for k in key): np.asarray(_value(v))
+          for key, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
 def params_into_model(model: Sam, params: Mapping[str, np.ndarray]) -> Sam:
   """Write flat Flax params into `model` (in place), checking keys and shapes."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -375,8 +386,7 @@ def build_model(cfg: SamConfig, params: Optional[Mapping[str, np.ndarray]] = Non
   model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
   params_into_model(model, params)
   leftover = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
-              if isinstance(v.get_value() if hasattr(v, "get_value") else v.value,
-                            jax.ShapeDtypeStruct)]
+              if isinstance(_value(v), jax.ShapeDtypeStruct)]
   if leftover:  # state outside nnx.Param would stay abstract
     raise CheckpointError(f"model state not filled from params: {leftover[:5]}")
   return model

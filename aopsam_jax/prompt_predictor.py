@@ -173,9 +173,8 @@ def save_predictor(path: str, model: PromptPredictor, cfg: Optional[PromptPredic
   from safetensors.numpy import save_file
   cfg = cfg or model.config
   os.makedirs(path, exist_ok=True)
-  flat = {".".join(str(k) for k in key): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
-          for key, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  save_file(flat, os.path.join(path, "params.safetensors"),
+  from aopsam_jax.params import flat_params
+  save_file(flat_params(model), os.path.join(path, "params.safetensors"),
             metadata={"format_version": FORMAT_VERSION})
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({"format_version": FORMAT_VERSION, "prompt_predictor": cfg.to_dict(),

@@ -104,40 +104,43 @@ def _timed(fn):
   return time.perf_counter() - t0, out
 
 
-def _memory_child(framework: str, model_type: str) -> None:
-  """Child process: embed + 64 prompts with one framework, print peak memory (JSON)."""
-  import numpy as np
+def _memory_child(framework: str, model_type: str, weights: str) -> None:
+  """Child process: embed + 64 prompts with ONE framework, print peak memory (JSON).
+
+  The torch child builds only the official model (same seed = same weights);
+  the JAX child never imports torch and loads the converted safetensors the
+  parent wrote, so each peak is that framework's own."""
   from aopsam_jax.image_io import load_image, sample_image_path
   image = load_image(sample_image_path())
-  cfg, tsam, jsam = _build(model_type)
-  base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   pts, lab = _prompts(64, *image.shape[:2])
   if framework == "torch":
-    from tests import reference  # noqa: F401
+    from tests import reference
+    from aopsam_jax.config import get_sam_config
     from segment_anything import SamPredictor as TP
-    tp = TP(tsam)
+    tp = TP(reference.build_torch_sam(get_sam_config(model_type), 0))
     tp.set_image(image)
     _torch_predict(tp, pts, lab, 64)
-    del jsam
   else:
     import jax
+    from aopsam_jax.params import load_sam
     from aopsam_jax.predictor import SamPredictor
-    del tsam
-    p = SamPredictor(jsam)
+    p = SamPredictor(load_sam(weights))
     p.set_image(image)
     p.predict(pts, lab)
+    assert "torch" not in sys.modules
     dev = jax.devices()[0]
     if dev.platform != "cpu":
       stats = dev.memory_stats() or {}
       print(json.dumps({"peak_device_bytes": stats.get("peak_bytes_in_use")}))
       return
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print(json.dumps({"peak_rss_kb": peak, "after_build_rss_kb": base}))
+  print(json.dumps({"peak_rss_kb": peak}))
 
 
-def _memory(framework: str, model_type: str):
+def _memory(framework: str, model_type: str, weights: str):
   out = subprocess.run([sys.executable, os.path.abspath(__file__), "--model", model_type,
-                        "--_memory-child", framework], capture_output=True, text=True)
+                        "--_memory-child", framework, "--_weights", weights],
+                       capture_output=True, text=True)
   if out.returncode != 0:
     return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -204,7 +207,13 @@ def bench(args) -> str:
   # --- memory --------------------------------------------------------------
   mem = {}
   if not args.no_memory:
-    mem = {"jax": _memory("jax", args.model), "torch": _memory("torch", args.model)}
+    import tempfile
+    from aopsam_jax.params import flat_params, save_converted
+    with tempfile.TemporaryDirectory() as tmp:
+      weights = os.path.join(tmp, "sam.safetensors")
+      save_converted(weights, jsam.config, flat_params(jsam))
+      mem = {"jax": _memory("jax", args.model, weights),
+             "torch": _memory("torch", args.model, weights)}
 
   backend = jax.default_backend()
   dev = jax.devices()[0]
@@ -351,10 +360,11 @@ def main(argv=None) -> None:
                   help="measure bfloat16-vs-float32 error instead; writes results/sam_bf16.md")
   ap.add_argument("--out", default=None, help="output markdown path")
   ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--_weights", dest="weights", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if args.memory_child:
-    _memory_child(args.memory_child, args.model)
+    _memory_child(args.memory_child, args.model, args.weights)
     return
   if args.bf16:
     text = bf16_report(args)
