@@ -30,12 +30,13 @@ import collections
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from aopsam_jax.sysinfo import peak_rss_kb
 
 SIZE_EDGES = (32 ** 2, 96 ** 2)
 
@@ -211,8 +212,9 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
                   "max_masks": amg_cfgs[m].max_masks} for m in methods if m in amg_cfgs},
       "methods": {m: stats[m].summary() for m in methods},
       "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                  "load_avg_1_5_15": [round(v, 1) for v in os.getloadavg()],
                   "jax": jax.__version__, "backend": jax.default_backend(),
-                  "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+                  "process_peak_rss_mib": peak_rss_kb() / 1024},
       "notes": [],
   }
   if b.random_sam:
@@ -253,7 +255,9 @@ def to_markdown(res: dict) -> str:
            f"SAM `{res['sam']['model']}` ({'RANDOM weights' if rnd else 'trained weights'}); "
            f"{res['dataset']['images']} images (grid AMG masks/latency on the first "
            f"{res['dataset']['amg_mask_images']}); backend {res['machine']['backend']}, "
-           f"{res['machine']['cpu_count']} CPUs (shared), jax {res['machine']['jax']}.",
+           f"{res['machine']['cpu_count']} CPUs (load average at the end "
+           f"{'/'.join(str(v) for v in res['machine'].get('load_avg_1_5_15', []))}), "
+           f"jax {res['machine']['jax']}.",
            "",
            f"| method | prompts/image | prompt recall | mIoU{star} | mIoU S/M/L{star} | "
            f"recall@0.5{star} | masks/image{star} | median latency (s) | first call (s) | "

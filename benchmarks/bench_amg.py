@@ -4,7 +4,7 @@
   python benchmarks/bench_amg.py --official S,D --model-type vit_b --repeats 3
 
 Each (implementation, setting) runs in its own subprocess so peak memory is
-its own: process peak RSS (ru_maxrss) and, on a GPU, JAX's peak device bytes.
+its own: process peak RSS (VmHWM, `aopsam_jax.sysinfo`) and, on a GPU, JAX's peak device bytes.
 Timing: end to end per image (image array -> mask records with binary masks
 at the original resolution), after one warm-up call (= compilation for JAX),
 median of --repeats.  Both use the same random-init weights (the official
@@ -19,14 +19,17 @@ import argparse
 import json
 import os
 import platform
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+from aopsam_jax.sysinfo import peak_rss_kb  # noqa: E402
 
 THRESH = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.25, stability_score_offset=0.05,
               box_nms_thresh=0.7)
@@ -38,28 +41,39 @@ def _image():
   return load_image(sample_image_path())
 
 
-def worker(impl: str, setting: str, model_type: str, repeats: int) -> dict:
-  import numpy as np
+def write_weights(model_type: str, path: str) -> None:
+  """The official model with tests/reference.py's random init, converted once."""
   from aopsam_jax.config import get_sam_config
+  from aopsam_jax.params import convert_state_dict, save_converted
   from tests.reference import build_torch_sam, state_dict_numpy
   cfg = get_sam_config(model_type)
-  tsam = build_torch_sam(cfg, seed=0)
+  _, params = convert_state_dict(state_dict_numpy(build_torch_sam(cfg, seed=0)), cfg)
+  save_converted(path, cfg, params)
+
+
+def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str) -> dict:
+  """One (implementation, setting) in its own process: the official worker
+  builds only the torch model (same seed = same weights), the JAX worker
+  loads the converted file and never imports torch, so each peak RSS is the
+  implementation's own."""
+  import numpy as np
+  from aopsam_jax.config import get_sam_config
+  cfg = get_sam_config(model_type)
   image = _image()
   n = SETTINGS[setting]
   kw = dict(points_per_side=n, **THRESH)
   if impl == "official":
-    import torch
+    from tests.reference import build_torch_sam
     from segment_anything import SamAutomaticMaskGenerator
-    gen = SamAutomaticMaskGenerator(tsam, **kw)
+    gen = SamAutomaticMaskGenerator(build_torch_sam(cfg, seed=0), **kw)
     run = lambda: gen.generate(image)
     prompts = lambda res: n * n
   else:
     import jax
     from aopsam_jax import amg
-    from aopsam_jax.params import build_model, convert_state_dict
-    _, params = convert_state_dict(state_dict_numpy(tsam), cfg)
-    model = build_model(cfg, params)
-    del tsam
+    from aopsam_jax.params import load_sam
+    model = load_sam(weights)
+    assert model.config == cfg and "torch" not in sys.modules
     acfg = amg.AmgConfig(**kw)
     state = {}
 
@@ -84,7 +98,7 @@ def worker(impl: str, setting: str, model_type: str, repeats: int) -> dict:
   out = {"impl": impl, "setting": f"AMG_{setting}", "points": n * n, "masks": len(res),
          "first_call_s": warm, "s_per_image": float(np.median(times)),
          "prompts_decoded": prompts(res),
-         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+         "peak_rss_mib": peak_rss_kb() / 1024}
   if impl == "jax":
     import jax
     stats = jax.devices()[0].memory_stats() or {}
@@ -116,9 +130,11 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=1, help="timed calls after the warm-up")
   p.add_argument("--out", default=None, help="markdown path (default results/amg_<backend>.md)")
   p.add_argument("--worker", nargs=2, metavar=("IMPL", "SETTING"), help=argparse.SUPPRESS)
+  p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
-    print("RESULT " + json.dumps(worker(*args.worker, args.model_type, args.repeats)))
+    print("RESULT " + json.dumps(worker(*args.worker, args.model_type, args.repeats,
+                                        args.weights)))
     return 0
   import jax
   backend = jax.default_backend()
@@ -126,10 +142,14 @@ def main(argv=None) -> int:
   print(mach, flush=True)
   official = [] if args.official == "none" else args.official.split(",")
   rows = []
+  tmp = tempfile.mkdtemp(prefix="bench_amg_")
+  weights = os.path.join(tmp, f"sam_{args.model_type}.safetensors")
+  write_weights(args.model_type, weights)
   for s in args.settings.split(","):
     for impl in (["jax"] + (["official"] if s in official else [])):
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, s,
-             "--model-type", args.model_type, "--repeats", str(args.repeats)]
+             "--model-type", args.model_type, "--repeats", str(args.repeats),
+             "--weights", weights]
       proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
       line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if proc.returncode or not line:
@@ -138,6 +158,7 @@ def main(argv=None) -> int:
       r = json.loads(line[0][7:])
       print(r, flush=True)
       rows.append(r)
+  shutil.rmtree(tmp, ignore_errors=True)
   lines = [f"# Grid AMG: JAX port vs official PyTorch ({args.model_type}, random-init weights)",
            "", f"Machine: {mach}", "",
            f"Image: bundled sample (640x428); thresholds {THRESH}; median of {args.repeats} "

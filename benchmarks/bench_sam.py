@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -133,8 +132,8 @@ def _memory_child(framework: str, model_type: str, weights: str) -> None:
       stats = dev.memory_stats() or {}
       print(json.dumps({"peak_device_bytes": stats.get("peak_bytes_in_use")}))
       return
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print(json.dumps({"peak_rss_kb": peak}))
+  from aopsam_jax.sysinfo import peak_rss_kb
+  print(json.dumps({"peak_rss_kb": peak_rss_kb()}))
 
 
 def _memory(framework: str, model_type: str, weights: str):

@@ -85,8 +85,8 @@ def main():
                               f"train_{backend}.md")
   lines = [f"# Prompt Predictor training throughput ({backend})", "",
            f"- devices: {jax.device_count()} x {jax.devices()[0].device_kind}; host: "
-           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared with "
-           "other jobs while measured)",
+           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+           f"{'/'.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min) at the end",
            f"- jax {jax.__version__}; model: configs/coco_tiny.py predictor "
            f"({rows[0]['params']:,} params, {rows[0]['gflops']:.2f} GFLOPs/image forward); "
            f"online mode encoder: {a.sam} (random weights)",

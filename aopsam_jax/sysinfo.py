@@ -1,0 +1,24 @@
+"""Process facts for benchmarks and reports."""
+
+from __future__ import annotations
+
+import resource
+
+
+def peak_rss_kb() -> int:
+  """This process' resident-memory high-water mark in KiB.
+
+  Linux keeps `ru_maxrss` across fork + exec, so a child process started by a
+  big parent (pytest, a benchmark driver) reports at least the parent's peak.
+  `VmHWM` in /proc/self/status belongs to the current program image only;
+  `ru_maxrss` is the fallback where /proc is absent (macOS: bytes there, KiB
+  on Linux; only Linux reaches the fallback rarely).
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
