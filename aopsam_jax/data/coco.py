@@ -37,7 +37,7 @@ Pointing it at full COCO 2017::
                           data_dir="<tfds dir>")
   builder.download_and_prepare()   # once; ~19 GB of array_record
 
-or set ``config.data.source_dir=<root>`` in ``configs/coco2017_vit_h.py``.
+or set ``--config.data.sources.coco2017.dir=<root>`` with ``configs/coco2017_vit_h.py``.
 """
 
 from __future__ import annotations
