@@ -40,9 +40,10 @@ def test_shipped_bundle_is_complete_and_consistent(shipped):
 
 
 def test_readme_main_job_default_aop_mode(tmp_path):
-  """`python -m aopsam_jax.segment --out DIR` with no image and no checkpoint."""
+  """The README's command: `python -m aopsam_jax.segment --out DIR --show-points`
+  (no image, no checkpoint)."""
   out = tmp_path / "out"
-  assert segment.main(["--out", str(out)]) == 0
+  assert segment.main(["--out", str(out), "--show-points"]) == 0
   res = json.load(open(out / "sample.json"))
   assert 1 <= len(res) <= 32
   assert all(r["weights"] == segment.RANDOM_LABEL for r in res)
