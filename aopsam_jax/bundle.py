@@ -25,7 +25,6 @@ import os
 import warnings
 from typing import Any, Dict, Optional
 
-import numpy as np
 from flax import nnx
 
 from aopsam_jax.asf import AsfConfig
@@ -153,6 +152,17 @@ def _parse_value(text: str):
   return text
 
 
+def parse_overrides(items, flag: str) -> Dict[str, Any]:
+  """["k=v", ...] from a repeatable CLI flag -> {k: int | float | str}."""
+  out = {}
+  for kv in items:
+    k, sep, v = kv.partition("=")
+    if not sep or not k:
+      raise ValueError(f"{flag} needs KEY=VALUE, got {kv!r}")
+    out[k] = _parse_value(v)
+  return out
+
+
 def main(argv=None) -> int:
   import argparse
   p = argparse.ArgumentParser(
@@ -176,18 +186,12 @@ def main(argv=None) -> int:
                  help="metadata entry stored in bundle.json (repeatable), e.g. --meta train_steps=400")
   p.add_argument("--out", required=True, help="bundle directory to write")
   a = p.parse_args(argv)
+  try:
+    over, meta = parse_overrides(a.asf, "--asf"), parse_overrides(a.meta, "--meta")
+  except ValueError as e:
+    p.error(str(e))
   predictor, _ = load_predictor(a.predictor)
-  over = {}
-  for kv in a.asf:
-    if "=" not in kv:
-      p.error(f"--asf needs FIELD=VALUE, got {kv!r}")
-    k, v = kv.split("=", 1)
-    over[k] = _parse_value(v)
   asf_cfg = _asf_from_dict({**dataclasses.asdict(AsfConfig()), **over})
-  meta = {}
-  for kv in a.meta:
-    k, _, v = kv.partition("=")
-    meta[k] = _parse_value(v)
   if a.sam_random:
     model, _, seed = a.sam_random.partition(":")
     random_init = {"model": model, "seed": int(seed or 0)}

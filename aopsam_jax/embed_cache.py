@@ -33,10 +33,11 @@ from aopsam_jax.prompt_predictor import downsample_image
 def encoder_fingerprint(sam) -> str:
   h = hashlib.sha256()
   h.update(sam.config.to_json().encode())
-  flat = nnx.to_flat_state(nnx.state(sam.image_encoder, nnx.Param))
-  for key, v in sorted(flat, key=lambda kv: tuple(str(k) for k in kv[0])):
-    h.update(".".join(str(k) for k in key).encode())
-    h.update(np.ascontiguousarray(np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)).tobytes())
+  from aopsam_jax.params import flat_params
+  # dotted names sort like the key tuples ('.' is below every identifier character)
+  for name, arr in sorted(flat_params(sam.image_encoder).items()):
+    h.update(name.encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
   return h.hexdigest()
 
 

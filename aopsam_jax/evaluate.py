@@ -339,10 +339,11 @@ def main(argv=None) -> int:
                  help="AsfConfig override, e.g. --asf k_coarse=16 (repeatable)")
   p.add_argument("--out", default="benchmarks/results/eval_coco_tiny")
   a = p.parse_args(argv)
-  over = {}
-  for kv in a.asf:
-    k, v = kv.split("=", 1)
-    over[k] = float(v) if "." in v or "e" in v else int(v)
+  from aopsam_jax.bundle import parse_overrides
+  try:
+    over = parse_overrides(a.asf, "--asf")
+  except ValueError as e:
+    p.error(str(e))
   res = evaluate(a.data, a.split, a.bundle, a.sam_checkpoint, tuple(a.methods.split(",")),
                  a.limit, a.amg_images, over or None)
   write_outputs(res, a.out)

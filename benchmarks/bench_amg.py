@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,8 +141,8 @@ def main(argv=None) -> int:
   print(mach, flush=True)
   official = [] if args.official == "none" else args.official.split(",")
   rows = []
-  tmp = tempfile.mkdtemp(prefix="bench_amg_")
-  weights = os.path.join(tmp, f"sam_{args.model_type}.safetensors")
+  tmp = tempfile.TemporaryDirectory(prefix="bench_amg_")  # removed even if a worker fails
+  weights = os.path.join(tmp.name, f"sam_{args.model_type}.safetensors")
   write_weights(args.model_type, weights)
   for s in args.settings.split(","):
     for impl in (["jax"] + (["official"] if s in official else [])):
@@ -158,7 +157,7 @@ def main(argv=None) -> int:
       r = json.loads(line[0][7:])
       print(r, flush=True)
       rows.append(r)
-  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.cleanup()
   lines = [f"# Grid AMG: JAX port vs official PyTorch ({args.model_type}, random-init weights)",
            "", f"Machine: {mach}", "",
            f"Image: bundled sample (640x428); thresholds {THRESH}; median of {args.repeats} "

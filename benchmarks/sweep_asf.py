@@ -67,9 +67,9 @@ def main(argv=None):
     inp = pipeline.prepare(img)
     hm = hm_fn(jnp.asarray(inp.padded), jnp.asarray(inp.input_hw))
     g = ImageGT(anns[im["id"]], img.shape[0], img.shape[1], TargetConfig())
-    # GT instances on the low-res grid, padded to MAX_GT slots (one compile)
-    gt = np.zeros((MAX_GT, 256, 256), bool)
-    for n, m in enumerate(g.gt[:MAX_GT]):
+    # oracle: GT instances on the low-res grid, padded to MAX_GT slots (one compile)
+    gt = np.zeros((MAX_GT if "oracle" in a.decoders else 1, 256, 256), bool)
+    for n, m in enumerate(g.gt[:len(gt)] if "oracle" in a.decoders else []):
       gt[n] = sample_to_heatmap(m, inp.input_hw, 256)
     data.append((hm, inp, g, jnp.asarray(gt)))
 

@@ -106,6 +106,10 @@ def test_bundle_cli_packages_a_training_run(tmp_path, capsys):
   with pytest.raises(ValueError, match="unknown AsfConfig"):
     bundle_lib.main(["--predictor", pred_dir, "--sam-random", "vit_t:0", "--out",
                      str(tmp_path / "c"), "--asf", "no_such_field=1"])
+  with pytest.raises(SystemExit):  # malformed override: a usage error, not a traceback
+    bundle_lib.main(["--predictor", pred_dir, "--sam-random", "vit_t:0", "--out",
+                     str(tmp_path / "d"), "--asf", "k_coarse"])
+  assert "--asf needs KEY=VALUE" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     bundle_lib.main(["--help"])
   assert "--sam-checkpoint" in capsys.readouterr().out
