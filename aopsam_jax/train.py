@@ -56,6 +56,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   from aopsam_jax.config import get_sam_config
   from aopsam_jax.data import pipeline
+  from aopsam_jax.data.augment import AugmentConfig
   from aopsam_jax.data.targets import TargetConfig
   from aopsam_jax.embed_cache import encoder_fingerprint
   from aopsam_jax.params import build_model, load_sam
@@ -95,8 +96,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if pcount > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("data_prepared")
+  aug_cfg = AugmentConfig(**config.data.get("augment", {}))
   train_src, train_tr = data_setup.make_split(config.data, config.data.train, mode, target_cfg,
-                                              sam=sam, fingerprint=fingerprint, is_writer=False)
+                                              sam=sam, fingerprint=fingerprint, is_writer=False,
+                                              augment=aug_cfg)
   val_src, val_tr = data_setup.make_split(config.data, config.data.val, mode, target_cfg,
                                           sam=sam, fingerprint=fingerprint, is_writer=False)
   train_ds = pipeline.train_dataset(train_src, train_tr, gbatch, config.data.seed, pidx, pcount,

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from aopsam_jax import transforms
+from aopsam_jax.data import augment as augment_lib
 from aopsam_jax.data import coco
 from aopsam_jax.data.targets import TargetConfig, make_target
 
@@ -62,9 +63,24 @@ class ExampleTransform:
   mode: str = "online"          # "online" | "cache"
   cache: Any = None             # EmbeddingCache for mode == "cache"
   memo_targets: bool = False    # keep computed targets in memory (small datasets)
+  augment: Optional[augment_lib.AugmentConfig] = None  # training only (see augment.py)
+  augment_seed: int = 0
 
   def __post_init__(self):
     self._memo: Dict[int, Any] = {}
+
+  @property
+  def augments(self) -> bool:
+    return self.augment is not None and self.augment.enabled
+
+  def maybe_augment(self, rec, out: dict) -> dict:
+    """Augment when the record carries its global stream position (training)."""
+    if not self.augments or augment_lib.STREAM_INDEX not in rec:
+      return out
+    rng = augment_lib.example_rng(self.augment_seed, rec[augment_lib.STREAM_INDEX])
+    hw = transforms.get_preprocess_shape(int(rec["height"]), int(rec["width"]),
+                                         self.target_cfg.img_size)
+    return augment_lib.augment_example(out, self.augment, rng, hw, self.target_cfg.img_size)
 
   def target(self, iid, anns, h, w):
     if self.memo_targets and iid in self._memo:
@@ -87,7 +103,7 @@ class ExampleTransform:
       d = coco.decode_record(rec)
       padded, input_hw, _ = transforms.prepare_image(d["image"], self.target_cfg.img_size)
       out["image"], out["input_hw"] = padded, input_hw
-    return out
+    return self.maybe_augment(rec, out)
 
 
 def as_map_dataset(source) -> grain.MapDataset:
@@ -105,6 +121,10 @@ def train_dataset(source, transform, global_batch: int, seed: int,
   threads x 500 examples, is ~2.5 GB of cached embeddings).
   """
   ds = as_map_dataset(source).shuffle(seed=seed).repeat(num_epochs)
+  if getattr(transform, "augments", False):
+    # the position in the GLOBAL stream seeds each example's augmentation, so
+    # it does not depend on the process count (tagged before sharding)
+    ds = ds.map_with_index(lambda i, rec: {**rec, augment_lib.STREAM_INDEX: i})
   ds = ProcessShard(ds, global_batch, process_index, process_count)
   local = global_batch // process_count
   ds = ds.map(transform).batch(local, drop_remainder=True)

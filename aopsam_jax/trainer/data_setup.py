@@ -17,6 +17,7 @@ import numpy as np
 
 from aopsam_jax.data import coco, yolo
 from aopsam_jax.data.pipeline import ExampleTransform
+from aopsam_jax.transforms import get_preprocess_shape
 
 
 def parse_selection(sel: str) -> List[Tuple[str, str]]:
@@ -99,8 +100,10 @@ class CacheTransform(ExampleTransform):
     anns = json.loads(anns.decode() if isinstance(anns, bytes) else anns)
     heat, weight = self.target(iid, anns, int(rec["height"]), int(rec["width"]))
     emb, small = self.cache.lookup_rec(rec)
-    return {"image_id": np.int64(iid), "target": heat, "weight": weight,
-            "embedding": emb, "image_small": small}
+    h, w = int(rec["height"]), int(rec["width"])
+    hw = np.asarray(get_preprocess_shape(h, w, self.target_cfg.img_size), np.int32)
+    return self.maybe_augment(rec, {"image_id": np.int64(iid), "target": heat, "weight": weight,
+                                    "embedding": emb, "image_small": small, "input_hw": hw})
 
 
 def build_cache(cache_root, fingerprint, name, split, source, encode, sam_cfg, progress):
@@ -120,8 +123,12 @@ def build_cache(cache_root, fingerprint, name, split, source, encode, sam_cfg, p
 
 
 def make_split(data_cfg, selection: str, mode: str, target_cfg, *, sam=None, fingerprint=None,
-               is_writer=True, progress=False):
-  """-> (random-access source, transform) for a selection of name:split."""
+               is_writer=True, progress=False, augment=None):
+  """-> (random-access source, transform) for a selection of name:split.
+
+  `augment`: an `AugmentConfig` for the training split (None: no augmentation),
+  seeded with ``data_cfg.seed``.
+  """
   sources, caches = [], []
   encode = None
   for name, split in parse_selection(selection):
@@ -137,9 +144,11 @@ def make_split(data_cfg, selection: str, mode: str, target_cfg, *, sam=None, fin
   source = sources[0] if len(sources) == 1 and mode != "cache" else Concat(sources)
   if mode == "cache":
     tr = CacheTransform(target_cfg, mode="cache", cache=MultiCache(caches),
-                        memo_targets=data_cfg.memo_targets)
+                        memo_targets=data_cfg.memo_targets, augment=augment,
+                        augment_seed=data_cfg.seed)
   else:
-    tr = ExampleTransform(target_cfg, mode="online", memo_targets=data_cfg.memo_targets)
+    tr = ExampleTransform(target_cfg, mode="online", memo_targets=data_cfg.memo_targets,
+                          augment=augment, augment_seed=data_cfg.seed)
   return source, tr
 
 

@@ -19,6 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aopsam_jax import transforms
+from aopsam_jax.data.targets import STRIDE
+from aopsam_jax.mask_ops import low_res_valid_region
 from aopsam_jax.peaks import extract_peaks
 from aopsam_jax.prompt_predictor import downsample_image
 from aopsam_jax.trainer.losses import LOSSES
@@ -81,6 +83,11 @@ def build_steps(graphdef, tx, loss_cfg, mesh: Mesh, encoder_graphdef=None,
   def eval_step(params, batch, enc_state):
     loss, (num_pos, logits) = loss_fn(params, batch, enc_state)
     out = {"loss": loss, "num_pos": num_pos}
+    # peaks only inside the resized image, as ASF takes them (the loss ignores
+    # the padding, so the logits there are unconstrained)
+    size = logits.shape[-1]
+    region = jax.vmap(lambda hw: low_res_valid_region(hw, size, STRIDE * size))(batch["input_hw"])
+    logits = jnp.where(region, logits, -jnp.inf)
     for k in eval_ks:
       coords, scores, valid = extract_peaks(logits, k, kernel=nms_kernel)
       out[f"k{k}_coords"], out[f"k{k}_valid"] = coords, valid
