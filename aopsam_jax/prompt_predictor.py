@@ -43,7 +43,6 @@ class PromptPredictorConfig:
   embed_proj: int = 64                    # embedding projection width
   hidden: int = 64                        # fused width at 64x64
   num_blocks: int = 1                     # residual blocks at 64x64
-  context_levels: int = 0                 # extra stride-2 levels below 64x64 (32, 16, ...)
   dec_channels: Tuple[int, int] = (32, 16)  # decoder width at 128 / 256
   norm_groups: int = 8
   head_bias: float = -4.6                 # sigmoid(-4.6) ~ 0.01 prior
@@ -119,14 +118,6 @@ class PromptPredictor(nnx.Module):
     fuse_in = (c2 if cfg.use_image else 0) + (cfg.embed_proj if cfg.use_embedding else 0)
     self.fuse = ConvNormAct(fuse_in, cfg.hidden, kernel=1, groups=g, rngs=rngs)
     self.blocks = nnx.List([ResBlock(cfg.hidden, g, rngs) for _ in range(cfg.num_blocks)])
-    # context levels: the interior point of a large object depends on all of
-    # it, beyond the receptive field of the 64x64 blocks
-    h = cfg.hidden
-    self.ctx_down = nnx.List([ConvNormAct(h, h, stride=2, groups=g, rngs=rngs)
-                              for _ in range(cfg.context_levels)])
-    self.ctx_blocks = nnx.List([ResBlock(h, g, rngs) for _ in range(cfg.context_levels)])
-    self.ctx_up = nnx.List([ConvNormAct(h, h, groups=g, rngs=rngs)
-                            for _ in range(cfg.context_levels)])
     self.reduce1 = nnx.Conv(cfg.hidden, d0, (1, 1), rngs=rngs)
     self.dec1 = ConvNormAct(d0 + c1, d0, groups=g, rngs=rngs)
     self.reduce2 = nnx.Conv(d0, d1, (1, 1), rngs=rngs)
@@ -150,12 +141,6 @@ class PromptPredictor(nnx.Module):
     x = self.fuse(jnp.concatenate(feats, -1))
     for blk in self.blocks:
       x = blk(x)
-    skips = []
-    for down, blk in zip(self.ctx_down, self.ctx_blocks):
-      skips.append(x)
-      x = blk(down(x))
-    for up, skip in zip(reversed(self.ctx_up), reversed(skips)):
-      x = skip + up(_up2(x))
     x = _up2(self.reduce1(x))
     x = self.dec1(jnp.concatenate([x, f128], -1))
     x = _up2(self.reduce2(x))

@@ -36,6 +36,7 @@ def get_config():
   c.data.val = "coco2017:val"
   c.data.worker_count = 16
   c.data.memo_targets = False
+  c.data.augment.hflip = 0.5             # online mode encodes the flipped image itself
   c.sam = dict(model="vit_h", checkpoint="/data/sam_vit_h.safetensors", seed=0)
   c.embeddings = "online"
   c.model.hidden = 128

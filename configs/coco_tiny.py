@@ -43,11 +43,10 @@ def get_config():
   )
   c.sam = dict(model="vit_t", checkpoint="", seed=0)
   c.embeddings = "cache"                 # 'cache' (CPU) | 'online' (accelerators)
-  c.targets = dict(min_area=64.0, sigma_scale=0.08, min_sigma=1.0, max_sigma=8.0, interior_gamma=0.0)
+  c.targets = dict(min_area=64.0, sigma_scale=0.08, min_sigma=1.0, max_sigma=8.0)
   # ~42k params, 0.81 GFLOPs/image (the library default is 149k / 2.7 GFLOPs)
   c.model = dict(embed_dim=256, img_channels=(8, 16, 32), embed_proj=32, hidden=32,
-                 num_blocks=1, context_levels=0, dec_channels=(16, 8), norm_groups=8,
-                 head_bias=-4.6,
+                 num_blocks=1, dec_channels=(16, 8), norm_groups=8, head_bias=-4.6,
                  use_embedding=True, use_image=True)
   c.loss = dict(kind="focal", kwargs=dict(alpha=2.0, beta=4.0))
   c.optim = dict(lr=3e-3, warmup_steps=20, end_lr_factor=0.01, weight_decay=1e-4,

@@ -37,6 +37,8 @@ def make_config(data_root, tmp, **over):
   c.batch_size, c.total_steps, c.log_every = 8, 6, 1
   c.eval_every, c.eval_batch_size, c.eval_ks, c.grid_baselines = 0, 8, (8,), (4,)
   c.ckpt_every, c.keep_ckpts, c.tensorboard = 2, 10, False
+  # every run below augments, so the device / process / resume equalities cover it
+  c.data.augment = dict(hflip=0.5, brightness=0.2, contrast=0.2, saturation=0.2)
   for k, v in over.items():
     node = c
     *path, last = k.split(".")
@@ -88,6 +90,27 @@ def test_train_runs_and_resumes(synth):
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
   np.testing.assert_allclose(_losses(wb), loss, rtol=1e-6)  # steps 3..6 rewritten identically
+
+
+def test_online_embeddings_match_cache(synth):
+  """`embeddings='online'` (SAM encoder inside the jitted step) trains on the
+  same inputs as the on-disk cache: same loss curve.  No augmentation here:
+  in cache mode a flip flips the cached embedding (an approximation), online
+  mode encodes the flipped image."""
+  from aopsam_jax.train import train_and_evaluate
+  root, tmp = synth
+  off = {f"data.augment.{k}": 0.0 for k in ("hflip", "brightness", "contrast", "saturation")}
+  curves = {}
+  for mode in ("cache", "online"):
+    w = os.path.join(tmp, f"mode_{mode}")
+    train_and_evaluate(make_config(root, tmp, embeddings=mode, total_steps=3, **off), w)
+    curves[mode] = _losses(w)
+  assert len(curves["online"]) == 3
+  np.testing.assert_allclose(curves["online"], curves["cache"], rtol=1e-4)
+  # and online mode with augmentation (flipped image encoded in the step) runs
+  w = os.path.join(tmp, "mode_online_aug")
+  train_and_evaluate(make_config(root, tmp, embeddings="online", total_steps=2), w)
+  assert np.all(np.isfinite(_losses(w)))
 
 
 # --- subprocess runs -------------------------------------------------------------

@@ -15,16 +15,6 @@ Gaussian with peak exactly 1.0 on the heatmap pixel containing the point and
 sigma = clip(sigma_scale * sqrt(area in heatmap pixels), min_sigma,
 max_sigma).  The map is the pixel-wise maximum over instances.
 
-Interior hill (``interior_gamma > 0``).  The prompt metric counts a point
-anywhere inside an instance, but with the Gaussian alone the loss treats most
-of a large instance as background, and its centre cannot be found from local
-evidence.  With the hill, every heatmap pixel inside the instance (its
-centre sampled from the mask, as for crowd regions) also gets
-``min((d / d_max) ** interior_gamma, HILL_CAP)``, d its Euclidean distance to
-the instance's outside on the heatmap grid: the penalty-reduced focal loss
-then barely penalises firing deep inside an object, while positives
-(target 1) remain the single interior-point pixels.
-
 Weight (loss mask).  1 inside the resized image, 0 on the padding, 0 on
 heatmap pixels whose centre falls in a crowd region (unless it is an
 instance peak).
@@ -42,7 +32,6 @@ from scipy import ndimage
 from aopsam_jax.transforms import get_preprocess_shape
 
 STRIDE = 4
-HILL_CAP = 0.95  # interior-hill values stay below the positives' 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +41,6 @@ class TargetConfig:
   sigma_scale: float = 0.08   # sigma per sqrt(area) in heatmap pixels
   min_sigma: float = 1.0
   max_sigma: float = 8.0
-  interior_gamma: float = 0.0  # > 0: add each instance's interior hill (see make_target)
 
   @property
   def heatmap_size(self) -> int:
@@ -144,15 +132,9 @@ def make_target(annotations: List[dict], h0: int, w0: int, cfg: TargetConfig = T
   s = cfg.heatmap_size
   points, crowd, (ih, iw) = instance_points(annotations, h0, w0, cfg)
   heat = np.zeros((s, s), np.float32)
-  for x, y, area_hm, n in points:
+  for x, y, area_hm, _ in points:
     cx, cy = min(int(x), s - 1), min(int(y), s - 1)
     draw_gaussian(heat, cx, cy, gaussian_sigma(area_hm, cfg))
-    if cfg.interior_gamma > 0:
-      inside = sample_to_heatmap(decode_mask(annotations[n]["segmentation"], h0, w0), (ih, iw), s)
-      if inside.any():
-        d = ndimage.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
-        hill = np.minimum((d / d.max()) ** cfg.interior_gamma, HILL_CAP).astype(np.float32)
-        np.maximum(heat, hill, out=heat)
   c = np.arange(s) * STRIDE + STRIDE / 2.0
   weight = ((c < ih)[:, None] & (c < iw)[None, :])
   for m in crowd:

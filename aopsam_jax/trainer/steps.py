@@ -77,7 +77,7 @@ def build_steps(graphdef, tx, loss_cfg, mesh: Mesh, encoder_graphdef=None,
         state["params"], batch, enc_state)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "num_pos": num_pos}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "num_pos": num_pos}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   def eval_step(params, batch, enc_state):
