@@ -9,6 +9,7 @@ from pycocotools import mask as mask_utils
 from aopsam_jax.data import augment as A
 from aopsam_jax.data import pipeline
 from aopsam_jax.data.targets import TargetConfig, make_target
+from tests.test_data import IndexSource
 
 
 def _rle(m):
@@ -105,17 +106,6 @@ def test_config_validation():
   assert not A.AugmentConfig().enabled and A.AugmentConfig(saturation=0.1).enabled
 
 
-class _Src:
-  def __init__(self, n):
-    self.n = n
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, i):
-    return {"i": i, "height": 48, "width": 64}
-
-
 class _AugTransform(pipeline.ExampleTransform):
   """Records the stream position and a draw from the example's generator."""
 
@@ -128,8 +118,8 @@ class _AugTransform(pipeline.ExampleTransform):
 
 def test_augmentation_independent_of_process_count_and_resumable():
   tr = _AugTransform(TargetConfig(), augment=A.AugmentConfig(hflip=0.5), augment_seed=7)
-  single = iter(pipeline.train_dataset(_Src(10), tr, 4, seed=3))
-  shards = [iter(pipeline.train_dataset(_Src(10), tr, 4, seed=3, process_index=p,
+  single = iter(pipeline.train_dataset(IndexSource(10), tr, 4, seed=3))
+  shards = [iter(pipeline.train_dataset(IndexSource(10), tr, 4, seed=3, process_index=p,
                                         process_count=2)) for p in range(2)]
   flips = []
   for _ in range(6):
@@ -144,14 +134,14 @@ def test_augmentation_independent_of_process_count_and_resumable():
   # draws follow the stream position, not the image: some image is seen both
   # flipped and not flipped over the 2.4 epochs
   assert any(len(v) == 2 for v in outcomes.values())
-  it = iter(pipeline.train_dataset(_Src(10), tr, 4, seed=3))
+  it = iter(pipeline.train_dataset(IndexSource(10), tr, 4, seed=3))
   for _ in range(2):
     next(it)
   state = it.get_state()
   want = [next(it)["flipped"].tolist() for _ in range(3)]
-  it2 = iter(pipeline.train_dataset(_Src(10), tr, 4, seed=3))
+  it2 = iter(pipeline.train_dataset(IndexSource(10), tr, 4, seed=3))
   it2.set_state(state)
   assert [next(it2)["flipped"].tolist() for _ in range(3)] == want
   # evaluation never augments
-  ev = next(iter(pipeline.eval_dataset(_Src(10), tr, 4)))
+  ev = next(iter(pipeline.eval_dataset(IndexSource(10), tr, 4)))
   assert not ev["flipped"].any()

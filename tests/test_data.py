@@ -135,7 +135,9 @@ def test_yolo_converter(tmp_path):
     yolo.yolo_to_coco(str(img_dir), str(lab_dir), str(tmp_path / "out2.json"))
 
 
-class _Src:
+class IndexSource:
+  """Records {i, height, width}: a random-access source for pipeline tests."""
+
   def __init__(self, n):
     self.n = n
 
@@ -143,7 +145,7 @@ class _Src:
     return self.n
 
   def __getitem__(self, i):
-    return {"i": i}
+    return {"i": i, "height": 48, "width": 64}
 
 
 def _ids(batch):
@@ -151,7 +153,7 @@ def _ids(batch):
 
 
 def test_process_sharding_and_resume():
-  src, tr = _Src(10), (lambda r: {"i": np.int64(r["i"])})
+  src, tr = IndexSource(10), (lambda r: {"i": np.int64(r["i"])})
   single = iter(pipeline.train_dataset(src, tr, 4, seed=3))
   shards = [iter(pipeline.train_dataset(src, tr, 4, seed=3, process_index=p, process_count=2))
             for p in range(2)]
@@ -175,7 +177,7 @@ def test_process_sharding_and_resume():
 
 
 def test_eval_dataset_padding():
-  src, tr = _Src(5), (lambda r: {"i": np.int64(r["i"])})
+  src, tr = IndexSource(5), (lambda r: {"i": np.int64(r["i"])})
   batches = list(pipeline.eval_dataset(src, tr, 4))
   assert len(batches) == 2
   ids = np.concatenate([b["i"] for b in batches])
