@@ -23,7 +23,8 @@ What happens:
     `keep_ckpts`, resumes automatically from the latest step.
   * metrics as JSON lines in `<workdir>/metrics.jsonl` (+TensorBoard when
     tensorboardX is installed); evaluation every `eval_every` steps; PNG
-    plots and the trained predictor (`<workdir>/predictor`, see
+    plots (curves, and `plots/val_prompts.png`: validation images with the
+    predicted prompts and the instances they missed) and the trained predictor (`<workdir>/predictor`, see
     `prompt_predictor.load_predictor`) at the end.
 """
 
@@ -143,6 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = restored["state"]
     logging.info("resumed from step %d", start)
 
+  last_peaks = {}  # the latest evaluation's peaks, for the example picture
+
   def evaluate(step):
     eval_iter = iter(pipeline.eval_dataset(val_src, val_tr, config.eval_batch_size, pidx, pcount))
     ids, peaks, loss_sum, pos_sum = [], {f"k{k}": ([], []) for k in config.eval_ks}, 0.0, 0.0
@@ -158,6 +161,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         peaks[f"k{k}"][0].append(steps.fetch(out[f"k{k}_coords"])[valid])
         peaks[f"k{k}"][1].append(steps.fetch(out[f"k{k}_valid"])[valid])
     peaks = {n: (np.concatenate(c), np.concatenate(v)) for n, (c, v) in peaks.items()}
+    last_peaks.update(ids=ids, peaks=peaks)
     res = {"loss": loss_sum / max(pos_sum, 1.0), **evaluator.evaluate(ids, peaks)}
     for n in config.grid_baselines:
       res.update(evaluator.grid_baseline(ids, n))
@@ -199,9 +203,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
     save_predictor(os.path.join(workdir, "predictor"), nnx.merge(graphdef, steps.fetch_tree(
         state["params"])), pp_cfg, metadata={"steps": str(total), "sam_model": config.sam.model})
     io.plot_curves(workdir)
+    plot_examples(workdir, config, val_src, evaluator, last_peaks)
   writer.close()
   mngr.close()
   return {"train": last, "eval": res}
+
+
+def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 6) -> str:
+  """`plots/val_prompts.png`: the first validation images with the final
+  evaluation's k = eval_ks[0] peaks (see `io.plot_prompt_examples`)."""
+  import numpy as np
+
+  from aopsam_jax.data import coco
+  from aopsam_jax.trainer import io
+  from aopsam_jax.trainer.evaluation import heatmap_to_original
+  k = config.eval_ks[0]
+  coords, valid = last_peaks["peaks"][f"k{k}"]
+  examples = []
+  for i, iid in enumerate(last_peaks["ids"][:count]):  # eval order = record order
+    g = evaluator.gt(int(iid))
+    image = coco.decode_record(val_src[i])["image"]
+    pts = heatmap_to_original(coords[i], g.h0, g.w0, evaluator.cfg.img_size)[valid[i]]
+    hits = g.counts(pts, np.ones(len(pts), bool))
+    examples.append((image, pts, g.gt, f"image {iid}: {int(hits['hit'])}/{int(hits['gt'])} "
+                                       f"instances hit by {len(pts)} prompts"))
+  return io.plot_prompt_examples(os.path.join(workdir, "plots", "val_prompts.png"), examples)
 
 
 def main(argv):

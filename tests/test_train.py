@@ -79,6 +79,9 @@ def test_train_runs_and_resumes(synth):
     assert key in res["eval"], key
   assert 0 <= res["eval"]["k8/recall"] <= 1
   assert os.path.exists(os.path.join(wa, "plots", "loss.png"))
+  from PIL import Image
+  with Image.open(os.path.join(wa, "plots", "val_prompts.png")) as im:  # 6 of the 8 images
+    assert im.size[0] > 600 and im.size[1] > 400
   load_predictor(os.path.join(wa, "predictor"))
   # resume: keep only the step-2 checkpoint, rerun -> identical final params
   wb = os.path.join(tmp, "run_b")
