@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--points-per-side", type=int, default=32,
                  help="the prompt grid is N x N points over the image (per crop)")
   g.add_argument("--points-per-batch", type=int, default=64,
-                 help="prompts decoded together (memory vs speed)")
+                 help="prompts decoded together (memory vs speed; on a CPU 16 halves the peak "
+                      "memory and is faster, BENCHMARKS.md section 2)")
   g.add_argument("--pred-iou-thresh", type=float, default=None,
                  help="keep masks with predicted IoU > this (official default 0.88; -1.0 with "
                       "random-init weights)")

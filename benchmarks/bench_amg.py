@@ -50,7 +50,8 @@ def write_weights(model_type: str, path: str) -> None:
   save_converted(path, cfg, params)
 
 
-def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str) -> dict:
+def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str,
+           points_per_batch: int = 64) -> dict:
   """One (implementation, setting) in its own process: the official worker
   builds only the torch model (same seed = same weights), the JAX worker
   loads the converted file and never imports torch, so each peak RSS is the
@@ -60,7 +61,7 @@ def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str)
   cfg = get_sam_config(model_type)
   image = _image()
   n = SETTINGS[setting]
-  kw = dict(points_per_side=n, **THRESH)
+  kw = dict(points_per_side=n, points_per_batch=points_per_batch, **THRESH)
   if impl == "official":
     from tests.reference import build_torch_sam
     from segment_anything import SamAutomaticMaskGenerator
@@ -127,13 +128,16 @@ def main(argv=None) -> int:
                  help="settings also run with the official PyTorch generator ('S,D', 'none'); "
                       "the default skips official AMG_D to keep the run short on a CPU")
   p.add_argument("--repeats", type=int, default=1, help="timed calls after the warm-up")
+  p.add_argument("--points-per-batch", type=int, default=64,
+                 help="prompts decoded per chunk, both implementations (their default 64); "
+                      "bounds the decoder's intermediate memory")
   p.add_argument("--out", default=None, help="markdown path (default results/amg_<backend>.md)")
   p.add_argument("--worker", nargs=2, metavar=("IMPL", "SETTING"), help=argparse.SUPPRESS)
   p.add_argument("--weights", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
     print("RESULT " + json.dumps(worker(*args.worker, args.model_type, args.repeats,
-                                        args.weights)))
+                                        args.weights, args.points_per_batch)))
     return 0
   import jax
   backend = jax.default_backend()
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     for impl in (["jax"] + (["official"] if s in official else [])):
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, s,
              "--model-type", args.model_type, "--repeats", str(args.repeats),
-             "--weights", weights]
+             "--weights", weights, "--points-per-batch", str(args.points_per_batch)]
       proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
       line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
       if proc.returncode or not line:
@@ -160,8 +164,9 @@ def main(argv=None) -> int:
   tmp.cleanup()
   lines = [f"# Grid AMG: JAX port vs official PyTorch ({args.model_type}, random-init weights)",
            "", f"Machine: {mach}", "",
-           f"Image: bundled sample (640x428); thresholds {THRESH}; median of {args.repeats} "
-           "call(s) after a warm-up/compile call.", "",
+           f"Image: bundled sample (640x428); thresholds {THRESH}; points_per_batch "
+           f"{args.points_per_batch}; median of {args.repeats} call(s) after a warm-up/compile call.",
+           "",
            "| setting | implementation | s / image | first call s | prompts decoded | masks | "
            "peak RSS MiB | peak device MiB |",
            "|---|---|---|---|---|---|---|---|"]
