@@ -24,8 +24,9 @@ What happens:
   * metrics as JSON lines in `<workdir>/metrics.jsonl` (+TensorBoard when
     tensorboardX is installed); evaluation every `eval_every` steps; PNG
     plots (curves, and `plots/val_prompts.png`: validation images with the
-    predicted prompts and the instances they missed) and the trained predictor (`<workdir>/predictor`, see
-    `prompt_predictor.load_predictor`) at the end.
+    predicted prompts and the instances they missed) and the trained
+    predictor (`<workdir>/predictor`, see `prompt_predictor.load_predictor`)
+    at the end.
 """
 
 from __future__ import annotations
@@ -212,8 +213,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 6) -> str:
   """`plots/val_prompts.png`: the first validation images with the final
   evaluation's k = eval_ks[0] peaks (see `io.plot_prompt_examples`)."""
-  import numpy as np
-
   from aopsam_jax.data import coco
   from aopsam_jax.trainer import io
   from aopsam_jax.trainer.evaluation import heatmap_to_original
@@ -224,9 +223,9 @@ def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 
     g = evaluator.gt(int(iid))
     image = coco.decode_record(val_src[i])["image"]
     pts = heatmap_to_original(coords[i], g.h0, g.w0, evaluator.cfg.img_size)[valid[i]]
-    hits = g.counts(pts, np.ones(len(pts), bool))
-    examples.append((image, pts, g.gt, f"image {iid}: {int(hits['hit'])}/{int(hits['gt'])} "
-                                       f"instances hit by {len(pts)} prompts"))
+    inside = g.inside(pts)
+    examples.append((image, pts, g.gt, inside, f"image {iid}: {int(inside.any(1).sum())}/"
+                                               f"{len(g.gt)} instances hit by {len(pts)} prompts"))
   return io.plot_prompt_examples(os.path.join(workdir, "plots", "val_prompts.png"), examples)
 
 

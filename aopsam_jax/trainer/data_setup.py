@@ -98,9 +98,9 @@ class CacheTransform(ExampleTransform):
     iid = int(rec["image_id"])
     anns = rec["annotations"]
     anns = json.loads(anns.decode() if isinstance(anns, bytes) else anns)
-    heat, weight = self.target(iid, anns, int(rec["height"]), int(rec["width"]))
-    emb, small = self.cache.lookup_rec(rec)
     h, w = int(rec["height"]), int(rec["width"])
+    heat, weight = self.target(iid, anns, h, w)
+    emb, small = self.cache.lookup_rec(rec)
     hw = np.asarray(get_preprocess_shape(h, w, self.target_cfg.img_size), np.int32)
     return self.maybe_augment(rec, {"image_id": np.int64(iid), "target": heat, "weight": weight,
                                     "embedding": emb, "image_small": small, "input_hw": hw})

@@ -59,13 +59,21 @@ class ImageGT:
     for m in gt + other:
       self.any |= m
 
+  def _pixels(self, points: np.ndarray):
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    return (np.clip(np.floor(pts[:, 1]).astype(np.int64), 0, self.h0 - 1),
+            np.clip(np.floor(pts[:, 0]).astype(np.int64), 0, self.w0 - 1))
+
+  def inside(self, points: np.ndarray) -> np.ndarray:
+    """points (K, 2) xy in the original frame -> (N, K) bool: point k in GT instance n."""
+    py, px = self._pixels(points)
+    return self.gt[:, py, px]
+
   def counts(self, points: np.ndarray, valid: np.ndarray) -> Dict[str, float]:
     """points (K, 2) xy in the original frame; valid (K,) bool."""
     pts = np.asarray(points)[np.asarray(valid, bool)]
-    px = np.clip(np.floor(pts[:, 0]).astype(np.int64), 0, self.w0 - 1)
-    py = np.clip(np.floor(pts[:, 1]).astype(np.int64), 0, self.h0 - 1)
-    inside = self.gt[:, py, px]  # (N, K')
-    hits = inside.sum(1)
+    py, px = self._pixels(pts)
+    hits = self.inside(pts).sum(1)
     return {"gt": float(len(self.gt)), "hit": float((hits > 0).sum()),
             "points": float(len(pts)), "points_in": float(self.any[py, px].sum()),
             "dups": float(np.maximum(hits - 1, 0).sum()), "images": 1.0}

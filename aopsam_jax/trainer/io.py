@@ -85,9 +85,10 @@ def plot_prompt_examples(path: str, examples, cols: int = 3) -> str:
   """Validation images with the predicted prompts, one panel each -> PNG.
 
   `examples`: list of (image (H, W, 3) uint8, points (K, 2) xy in the image
-  frame, gt (N, H, W) bool instance masks, title).  A point is green when it
-  falls inside a ground-truth instance and red otherwise; every instance no
-  point reached is outlined in yellow with an x at its most interior point.
+  frame, gt (N, H, W) bool instance masks, inside (N, K) bool: point k in
+  instance n, title).  A point is green when it falls inside a ground-truth
+  instance and red otherwise; every instance no point reached is outlined in
+  yellow with an x at its most interior point.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -102,18 +103,15 @@ def plot_prompt_examples(path: str, examples, cols: int = 3) -> str:
   fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
-  for ax, (image, points, gt, title) in zip(axes.ravel(), examples):
+  for ax, (image, points, gt, inside, title) in zip(axes.ravel(), examples):
     h, w = image.shape[:2]
     pts = np.asarray(points, np.float64).reshape(-1, 2)
-    px = np.clip(np.floor(pts[:, 0]).astype(np.int64), 0, w - 1)
-    py = np.clip(np.floor(pts[:, 1]).astype(np.int64), 0, h - 1)
-    inside = gt[:, py, px] if len(gt) else np.zeros((0, len(pts)), bool)
     ax.imshow(image)
-    for m in gt[~inside.any(1)] if len(gt) else []:
+    for m in gt[~inside.any(1)]:
       ax.contour(m, levels=[0.5], colors="yellow", linewidths=1.0)
       x, y, _ = interior_point(m)
       ax.plot(x - 0.5, y - 0.5, "x", color="yellow", ms=8, mew=2)
-    hit = inside.any(0) if len(gt) else np.zeros(len(pts), bool)
+    hit = inside.any(0)
     ax.scatter(pts[hit, 0], pts[hit, 1], s=22, c="lime", edgecolors="black", linewidths=0.5)
     ax.scatter(pts[~hit, 0], pts[~hit, 1], s=22, c="red", edgecolors="black", linewidths=0.5)
     ax.set_xlim(0, w); ax.set_ylim(h, 0)
