@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 
 
 def peak_rss_kb() -> int:
@@ -11,8 +12,8 @@ def peak_rss_kb() -> int:
   Linux keeps `ru_maxrss` across fork + exec, so a child process started by a
   big parent (pytest, a benchmark driver) reports at least the parent's peak.
   `VmHWM` in /proc/self/status belongs to the current program image only;
-  `ru_maxrss` is the fallback where /proc is absent (macOS: bytes there, KiB
-  on Linux; only Linux reaches the fallback rarely).
+  `ru_maxrss` is the fallback where /proc is absent (it counts bytes on
+  macOS, KiB elsewhere).
   """
   try:
     with open("/proc/self/status") as f:
@@ -21,4 +22,5 @@ def peak_rss_kb() -> int:
           return int(line.split()[1])
   except OSError:
     pass
-  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+  peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+  return peak // 1024 if sys.platform == "darwin" else peak

@@ -110,7 +110,8 @@ class _AugTransform(pipeline.ExampleTransform):
   """Records the stream position and a draw from the example's generator."""
 
   def __call__(self, rec):
-    out = {"i": np.int64(rec["i"]), "target": np.tile(np.arange(256.0, dtype=np.float32), (256, 1))}
+    out = {"i": np.int64(rec["i"]), "target": np.tile(np.arange(256.0, dtype=np.float32), (256, 1)),
+           "input_hw": np.array([768, 1024], np.int32)}  # 48 x 64 records, resized
     out = self.maybe_augment(rec, out)
     out["flipped"] = np.bool_(out["target"][0, 0] != 0)
     return out

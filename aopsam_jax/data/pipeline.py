@@ -74,13 +74,13 @@ class ExampleTransform:
     return self.augment is not None and self.augment.enabled
 
   def maybe_augment(self, rec, out: dict) -> dict:
-    """Augment when the record carries its global stream position (training)."""
+    """Augment when the record carries its global stream position (training).
+    `out` is the prepared example; its ``input_hw`` locates the padding."""
     if not self.augments or augment_lib.STREAM_INDEX not in rec:
       return out
     rng = augment_lib.example_rng(self.augment_seed, rec[augment_lib.STREAM_INDEX])
-    hw = transforms.get_preprocess_shape(int(rec["height"]), int(rec["width"]),
-                                         self.target_cfg.img_size)
-    return augment_lib.augment_example(out, self.augment, rng, hw, self.target_cfg.img_size)
+    return augment_lib.augment_example(out, self.augment, rng, out["input_hw"],
+                                       self.target_cfg.img_size)
 
   def target(self, iid, anns, h, w):
     if self.memo_targets and iid in self._memo:
