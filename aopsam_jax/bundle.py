@@ -1,183 +1,32 @@
-"""AoP-SAM model bundle: SAM weights + prompt predictor + ASF config, one call.
-
-Layout of a bundle directory:
-
-    bundle.json         format, SAM source, encoder fingerprint, AsfConfig, notes
-    sam.safetensors     converted SAM weights (`params.save_converted` format), or
-                        absent when bundle.json says {"random_init": {...}}
-    predictor/          `prompt_predictor.save_predictor` output
-
-    b = load_bundle("path/to/bundle")            # -> Bundle(model, asf, sam_info, meta)
-    b = load_bundle(path, sam_checkpoint="sam_vit_b.safetensors")  # override SAM weights
-
-The prompt predictor reads SAM's image embedding, so it only fits the
-encoder it was trained with: the bundle stores that encoder's fingerprint
-(`embed_cache.encoder_fingerprint`) and `load_bundle` warns on a mismatch.
-A bundle whose SAM is random-init says so (`Bundle.random_sam`): its masks
-carry no meaning, only prompt locations do.
-"""
+"""`python -m aopsam_jax.bundle`: package a training run's predictor into an AoP-SAM bundle."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
-import os
-import warnings
-from typing import Any, Dict, Optional
+import sys
 
-from flax import nnx
-
-from aopsam_jax.asf import AsfConfig
-from aopsam_jax.config import get_sam_config
-from aopsam_jax.embed_cache import encoder_fingerprint
-from aopsam_jax.params import build_model, flat_params, load_sam, save_converted
-from aopsam_jax.pipeline import AopSam
-from aopsam_jax.prompt_predictor import PromptPredictor, load_predictor, save_predictor
-
-FORMAT = "aopsam_jax.bundle"
-FORMAT_VERSION = "1"
-DEFAULT_BUNDLE = os.path.join(os.path.dirname(__file__), "assets", "bundles",
-                              "coco_tiny_vit_t_random")
-
-
-@dataclasses.dataclass
-class Bundle:
-  model: AopSam
-  asf: AsfConfig
-  sam_info: Dict[str, Any]   # {"weights": file} or {"random_init": {"model", "seed"}}
-  meta: Dict[str, Any]
-
-  @property
-  def random_sam(self) -> bool:
-    return "random_init" in self.sam_info
-
-  @property
-  def sam(self):
-    return self.model.sam
-
-  @property
-  def predictor(self) -> PromptPredictor:
-    return self.model.predictor
-
-
-def _asf_from_dict(d: Dict[str, Any]) -> AsfConfig:
-  known = {f.name for f in dataclasses.fields(AsfConfig)}
-  unknown = set(d) - known
-  if unknown:
-    raise ValueError(f"unknown AsfConfig fields in bundle: {sorted(unknown)}")
-  return AsfConfig(**d)
-
-
-def save_bundle(path: str, sam, predictor: PromptPredictor, asf_cfg: AsfConfig = AsfConfig(), *,
-                random_init: Optional[Dict[str, Any]] = None,
-                notes: str = "", metadata: Optional[Dict[str, Any]] = None) -> None:
-  """Write a bundle.  With `random_init={"model": "vit_t", "seed": 0}` the SAM
-  weights are NOT written (they are re-created from the seed on load, and the
-  fingerprint check proves it); otherwise `sam.safetensors` holds them."""
-  os.makedirs(path, exist_ok=True)
-  fp = encoder_fingerprint(sam)
-  if random_init is not None:
-    again = build_model(get_sam_config(random_init["model"]), seed=int(random_init["seed"]))
-    if encoder_fingerprint(again) != fp:
-      raise ValueError("random_init does not reproduce the given SAM's encoder; "
-                       "save its weights instead")
-    sam_info = {"random_init": {"model": random_init["model"], "seed": int(random_init["seed"])}}
-  else:
-    save_converted(os.path.join(path, "sam.safetensors"), sam.config, flat_params(sam))
-    sam_info = {"weights": "sam.safetensors"}
-  save_predictor(os.path.join(path, "predictor"), predictor)
-  meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "sam": sam_info,
-          "sam_encoder_fingerprint": fp, "predictor": "predictor",
-          "asf": dataclasses.asdict(asf_cfg), "notes": notes, "metadata": metadata or {}}
-  with open(os.path.join(path, "bundle.json"), "w") as f:
-    json.dump(meta, f, indent=1)
-
-
-def load_bundle(path: Optional[str] = None, *, sam_checkpoint: Optional[str] = None,
-                asf_overrides: Optional[Dict[str, Any]] = None, quiet: bool = False) -> Bundle:
-  """Load a bundle directory (default: the shipped coco_tiny / vit_t one)."""
-  path = path or DEFAULT_BUNDLE
-  meta_path = os.path.join(path, "bundle.json")
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{path} is not an AoP-SAM bundle (no bundle.json)")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{meta_path}: not an {FORMAT} file")
-  sam_info = dict(meta["sam"])
-  if sam_checkpoint:
-    sam = load_sam(sam_checkpoint)
-    sam_info = {"weights": os.path.abspath(sam_checkpoint)}
-  elif "weights" in sam_info:
-    sam = load_sam(os.path.join(path, sam_info["weights"]))
-  else:
-    ri = sam_info["random_init"]
-    sam = build_model(get_sam_config(ri["model"]), seed=int(ri["seed"]))
-    if not quiet:
-      warnings.warn(f"AoP-SAM bundle {path}: SAM {ri['model']} has RANDOM weights (seed "
-                    f"{ri['seed']}); its masks are meaningless, only the prompt locations "
-                    "are learned.  Pass converted SAM weights for real masks (the predictor "
-                    "was trained on these random embeddings, so retrain it too).",
-                    stacklevel=2)
-  fp = meta.get("sam_encoder_fingerprint")
-  if fp and encoder_fingerprint(sam) != fp and not quiet:
-    warnings.warn("SAM image encoder differs from the one the prompt predictor was trained "
-                  "with: the heatmaps may be poor.", stacklevel=2)
-  predictor, _ = load_predictor(os.path.join(path, meta.get("predictor", "predictor")))
-  asf_d = dict(meta.get("asf", {}))
-  asf_d.update(asf_overrides or {})
-  return Bundle(AopSam(sam, predictor), _asf_from_dict(asf_d), sam_info, meta)
-
-
-def random_bundle(sam_model: str = "vit_t", seed: int = 0, predictor_cfg=None,
-                  asf_cfg: AsfConfig = AsfConfig()) -> Bundle:
-  """UNTRAINED predictor + random SAM: for tests and smoke runs only."""
-  from aopsam_jax.prompt_predictor import PromptPredictorConfig
-  sam = build_model(get_sam_config(sam_model), seed=seed)
-  predictor = PromptPredictor(predictor_cfg or PromptPredictorConfig(), rngs=nnx.Rngs(seed))
-  return Bundle(AopSam(sam, predictor), asf_cfg,
-                {"random_init": {"model": sam_model, "seed": seed}},
-                {"notes": "random-init SAM and UNTRAINED prompt predictor"})
-
-
-# --- `python -m aopsam_jax.bundle`: training workdir -> bundle ----------------
-
-
-def _parse_value(text: str):
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return text
-
-
-def parse_overrides(items, flag: str) -> Dict[str, Any]:
-  """["k=v", ...] from a repeatable CLI flag -> {k: int | float | str}."""
-  out = {}
-  for kv in items:
-    k, sep, v = kv.partition("=")
-    if not sep or not k:
-      raise ValueError(f"{flag} needs KEY=VALUE, got {kv!r}")
-    out[k] = _parse_value(v)
-  return out
+from aopsam_jax.aop.asf import AsfConfig
+from aopsam_jax.aop.bundle import asf_from_dict, parse_overrides, save_bundle
+from aopsam_jax.aop.prompt_predictor import load_predictor
+from aopsam_jax.sam.config import get_sam_config
+from aopsam_jax.sam.params import build_model, load_sam
 
 
 def main(argv=None) -> int:
-  import argparse
   p = argparse.ArgumentParser(
       prog="python -m aopsam_jax.bundle",
       description="Package a trained prompt predictor (the `predictor/` folder that "
                   "`python -m aopsam_jax.train` writes into its workdir) with the SAM it was "
                   "trained on and an ASF config into one AoP-SAM bundle directory, loadable "
-                  "with `aopsam_jax.bundle.load_bundle(DIR)` and `segment --bundle DIR`.")
+                  "with `aopsam_jax.aop.bundle.load_bundle(DIR)` and `segment --bundle DIR`.")
   p.add_argument("--predictor", required=True,
                  help="predictor directory (config.json + params.safetensors), e.g. WORKDIR/predictor")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--sam-checkpoint", help="converted SAM weights (.safetensors) the predictor "
                                             "was trained on; copied into the bundle")
   src.add_argument("--sam-random", metavar="MODEL:SEED",
-                   help="the predictor was trained on a RANDOM-init SAM (e.g. vit_t:0); only "
+                   help="the predictor was trained on a RANDOM-init SAM (e.g. vit_tiny_test:0); only "
                         "the model name and seed are stored")
   p.add_argument("--asf", action="append", default=[], metavar="FIELD=VALUE",
                  help="AsfConfig field override (repeatable), e.g. --asf peak_kernel=7")
@@ -191,7 +40,7 @@ def main(argv=None) -> int:
   except ValueError as e:
     p.error(str(e))
   predictor, _ = load_predictor(a.predictor)
-  asf_cfg = _asf_from_dict({**dataclasses.asdict(AsfConfig()), **over})
+  asf_cfg = asf_from_dict({**dataclasses.asdict(AsfConfig()), **over})
   if a.sam_random:
     model, _, seed = a.sam_random.partition(":")
     random_init = {"model": model, "seed": int(seed or 0)}
@@ -205,5 +54,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  import sys
   sys.exit(main())

@@ -133,10 +133,11 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
   import jax
   from flax import nnx
 
-  from aopsam_jax import amg, bundle as bundle_lib, pipeline
+  from aopsam_jax.sam import amg
+  from aopsam_jax.aop import bundle as bundle_lib, pipeline
   from aopsam_jax.data.coco import load_annotations
   from aopsam_jax.data.targets import TargetConfig
-  from aopsam_jax.image_io import load_image
+  from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.trainer.evaluation import ImageGT, grid_points
 
   ann = os.path.join(data_dir, "annotations", f"instances_{split}2017.json")
@@ -198,7 +199,7 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
         out = jax.device_get(out)
         s.add_masks(g.gt, areas, amg.masks_at_original(out, cfg.img_size))
   sam_cfg = b.sam.config
-  sam_desc = next((k for k, v in __import__("aopsam_jax.config", fromlist=["x"]).SAM_CONFIGS.items()
+  sam_desc = next((k for k, v in __import__("aopsam_jax.sam.config", fromlist=["x"]).SAM_CONFIGS.items()
                    if v == sam_cfg), "custom")
   result = {
       "dataset": {"dir": os.path.abspath(data_dir), "split": split, "images": len(images),
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
                  help="AsfConfig override, e.g. --asf k_coarse=16 (repeatable)")
   p.add_argument("--out", default="benchmarks/results/eval_coco_tiny")
   a = p.parse_args(argv)
-  from aopsam_jax.bundle import parse_overrides
+  from aopsam_jax.aop.bundle import parse_overrides
   try:
     over = parse_overrides(a.asf, "--asf")
   except ValueError as e:

@@ -40,8 +40,8 @@ RANDOM_INIT_THRESHOLDS = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.25,
 def load_model(checkpoint: Optional[str], model_type: str, seed: int = 0):
   """(model, weights description).  Converted safetensors load directly;
   official / HF PyTorch checkpoints are converted on the fly (needs torch)."""
-  from aopsam_jax.config import get_sam_config
-  from aopsam_jax.params import build_model, load_sam
+  from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import build_model, load_sam
   if checkpoint is None:
     return build_model(get_sam_config(model_type), seed=seed), RANDOM_LABEL
   if not os.path.exists(checkpoint):
@@ -61,7 +61,7 @@ def load_model(checkpoint: Optional[str], model_type: str, seed: int = 0):
 
 
 def _amg_config(args):
-  from aopsam_jax.amg import AmgConfig
+  from aopsam_jax.sam.amg import AmgConfig
   return AmgConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
                    pred_iou_thresh=args.pred_iou_thresh,
                    stability_score_thresh=args.stability_score_thresh,
@@ -71,7 +71,7 @@ def _amg_config(args):
 
 
 def run_amg(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-  from aopsam_jax import amg
+  from aopsam_jax.sam import amg
   cfg = _amg_config(args)
   out = amg.generate(model, amg.prepare(image, cfg, model.config.img_size), cfg)
   records = amg.to_records(out, "binary_mask", model.config.img_size)
@@ -90,8 +90,8 @@ def _parse_floats(text: str, n: int, what: str) -> List[float]:
 
 
 def run_prompt(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-  from aopsam_jax import mask_ops
-  from aopsam_jax.predictor import SamPredictor
+  from aopsam_jax.sam import mask_ops
+  from aopsam_jax.sam.predictor import SamPredictor
   if not args.point and not args.box:
     raise SystemExit("--mode prompt needs --point X,Y (repeatable) and/or --box X0,Y0,X1,Y1")
   pts = np.array([_parse_floats(p, 2, "--point") for p in args.point], np.float32) \
@@ -122,9 +122,36 @@ def run_prompt(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Di
                    "boxes": None if box is None else box[None], "overlay_top": 1}
 
 
+_AOP_CACHE: Dict[Any, Any] = {}
+
+
 def run_aop(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-  from aopsam_jax.pipeline import segment_cli_runner  # AoP-SAM: predictor + ASF, one jit
-  return segment_cli_runner(args, model, image)
+  """AoP-SAM (prompt predictor + ASF, one jitted program) with bundle `args.bundle`
+  (default: the shipped one).  With --checkpoint the given SAM replaces the
+  bundle's.  The AMG threshold flags override the ASF mask filters."""
+  import dataclasses
+  import warnings
+  from aopsam_jax.aop import bundle as bundle_lib, pipeline
+  key = (args.bundle, args.checkpoint)
+  if key not in _AOP_CACHE:
+    b = bundle_lib.load_bundle(key[0], quiet=True)
+    if b.random_sam and key[1] is None:
+      warnings.warn("AoP bundle SAM has RANDOM weights: masks are meaningless.", stacklevel=2)
+    if key[1] is not None:
+      b = bundle_lib.Bundle(pipeline.AopSam(model, b.predictor), b.asf, {"weights": key[1]}, b.meta)
+    over = {k: getattr(args, k) for k in ("pred_iou_thresh", "stability_score_thresh",
+                                          "stability_score_offset")
+            if getattr(args, k, None) is not None}
+    _AOP_CACHE.clear()
+    _AOP_CACHE[key] = (pipeline.split_model(b.model), dataclasses.replace(b.asf, **over))
+  split, cfg = _AOP_CACHE[key]
+  inp = pipeline.prepare(image, cfg.img_size)
+  out = pipeline.segment_jit(split, inp.padded, inp.input_hw, inp.original_hw, cfg)
+  records = pipeline.to_records(out, "binary_mask", cfg.img_size)
+  # --show-points draws every DECODED prompt (not only those whose mask survived):
+  # the prompt locations are what the predictor learned.
+  pts = np.asarray(out["prompt_points"], np.float32)[np.asarray(out["prompt_valid"], bool)]
+  return records, {"points": pts if args.show_points else None}
 
 
 MODES: Dict[str, Callable] = {"aop": run_aop, "amg": run_amg, "prompt": run_prompt}
@@ -154,7 +181,7 @@ def image_id_for(path: str, index: int) -> int:
 
 def _load(path: str) -> np.ndarray:
   try:
-    from aopsam_jax.image_io import load_image
+    from aopsam_jax.sam.image_io import load_image
     return load_image(path)
   except ImportError:  # pragma: no cover
     from PIL import Image
@@ -162,7 +189,7 @@ def _load(path: str) -> np.ndarray:
 
 
 def coco_results(records, image_id: int, weights: str) -> List[Dict[str, Any]]:
-  from aopsam_jax import rle
+  from aopsam_jax.sam import rle
   out = []
   for r in records:
     seg = rle.encode(np.asarray(r["segmentation"], bool))
@@ -191,14 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help="SAM weights: a converted .safetensors (conversion.convert_sam) or an "
                       "official/HF PyTorch checkpoint (converted on the fly, needs torch). "
                       "Omitted: RANDOM-INIT weights (meaningless masks; for smoke tests)")
-  p.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_t"],
+  p.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_tiny_test"],
                  help="architecture for random-init weights (and a hint for PyTorch "
                       "checkpoints); converted files carry their own config")
   p.add_argument("--mode", default="aop", choices=sorted(MODES),
                  help="aop: AoP-SAM (prompt predictor + adaptive sampling, --bundle); amg: grid "
                       "automatic mask generation; prompt: masks from --point/--box")
   p.add_argument("--bundle", default=None,
-                 help="aop mode: AoP-SAM bundle dir (default: the shipped coco_tiny vit_t one, "
+                 help="aop mode: AoP-SAM bundle dir (default: the shipped coco_tiny vit_tiny_test one, "
                       "random-init SAM); --checkpoint replaces its SAM")
   p.add_argument("--out", default="segment_out", help="output directory")
   p.add_argument("--seed", type=int, default=0, help="seed of the random-init weights")
@@ -246,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.images:
     paths = collect_images(args.images)
   else:
-    from aopsam_jax.image_io import sample_image_path
+    from aopsam_jax.sam.image_io import sample_image_path
     paths = [sample_image_path()]
   if not paths:
     print("no images found", file=sys.stderr)
@@ -265,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   os.makedirs(args.out, exist_ok=True)
   runner = MODES[args.mode]
   from tqdm import tqdm
-  from aopsam_jax.visualize import save_overlay
+  from aopsam_jax.sam.visualize import save_overlay
   for i, path in enumerate(tqdm(paths, desc=f"segment ({args.mode})", unit="img")):
     image = _load(path)
     t0 = time.perf_counter()

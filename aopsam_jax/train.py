@@ -56,13 +56,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from flax import nnx
   from tqdm import tqdm
 
-  from aopsam_jax.config import get_sam_config
+  from aopsam_jax.sam.config import get_sam_config
   from aopsam_jax.data import pipeline
   from aopsam_jax.data.augment import AugmentConfig
   from aopsam_jax.data.targets import TargetConfig
-  from aopsam_jax.embed_cache import encoder_fingerprint
-  from aopsam_jax.params import build_model, load_sam
-  from aopsam_jax.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
+  from aopsam_jax.sam.params import encoder_fingerprint
+  from aopsam_jax.sam.params import build_model, load_sam
+  from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
                                            forward_flops, save_predictor)
   from aopsam_jax.trainer import data_setup, io, steps
   from aopsam_jax.trainer.evaluation import PromptEvaluator

@@ -1,6 +1,6 @@
 """Grid AMG benchmark: this JAX port vs the official PyTorch SamAutomaticMaskGenerator.
 
-  python benchmarks/bench_amg.py                      # vit_t, AMG_S + AMG_D (official: AMG_S)
+  python benchmarks/bench_amg.py                      # vit_tiny_test, AMG_S + AMG_D (official: AMG_S)
   python benchmarks/bench_amg.py --official S,D --model-type vit_b --repeats 3
 
 Each (implementation, setting) runs in its own subprocess so peak memory is
@@ -36,14 +36,14 @@ SETTINGS = {"S": 16, "D": 32}
 
 
 def _image():
-  from aopsam_jax.image_io import load_image, sample_image_path
+  from aopsam_jax.sam.image_io import load_image, sample_image_path
   return load_image(sample_image_path())
 
 
 def write_weights(model_type: str, path: str) -> None:
   """The official model with tests/reference.py's random init, converted once."""
-  from aopsam_jax.config import get_sam_config
-  from aopsam_jax.params import convert_state_dict, save_converted
+  from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import convert_state_dict, save_converted
   from tests.reference import build_torch_sam, state_dict_numpy
   cfg = get_sam_config(model_type)
   _, params = convert_state_dict(state_dict_numpy(build_torch_sam(cfg, seed=0)), cfg)
@@ -57,7 +57,7 @@ def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str,
   loads the converted file and never imports torch, so each peak RSS is the
   implementation's own."""
   import numpy as np
-  from aopsam_jax.config import get_sam_config
+  from aopsam_jax.sam.config import get_sam_config
   cfg = get_sam_config(model_type)
   image = _image()
   n = SETTINGS[setting]
@@ -70,8 +70,8 @@ def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str,
     prompts = lambda res: n * n
   else:
     import jax
-    from aopsam_jax import amg
-    from aopsam_jax.params import load_sam
+    from aopsam_jax.sam import amg
+    from aopsam_jax.sam.params import load_sam
     model = load_sam(weights)
     assert model.config == cfg and "torch" not in sys.modules
     acfg = amg.AmgConfig(**kw)
@@ -122,7 +122,7 @@ def machine() -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--model-type", default="vit_t", help="vit_t (default, fast) / vit_b / vit_l / vit_h")
+  p.add_argument("--model-type", default="vit_tiny_test", help="vit_tiny_test (default, fast) / vit_b / vit_l / vit_h")
   p.add_argument("--settings", default="S,D", help="AMG settings to run: S (16x16), D (32x32)")
   p.add_argument("--official", default="S",
                  help="settings also run with the official PyTorch generator ('S,D', 'none'); "

@@ -1,7 +1,7 @@
 """Benchmark: aopsam-jax SAM vs the official PyTorch SAM on the same machine.
 
 Both run the *same* random weights (the official architecture with random
-init, converted with `aopsam_jax.params.convert_state_dict`), on the bundled
+init, converted with `aopsam_jax.sam.params.convert_state_dict`), on the bundled
 sample image.  Measured:
 
   * image encoder latency (median of --repeats runs after compilation), JAX
@@ -62,8 +62,8 @@ def _load() -> str:
 def _build(model_type: str, seed: int = 0):
   """(official torch Sam, converted jax Sam) sharing random weights."""
   from tests import reference  # installs the torchvision stand-in if needed
-  from aopsam_jax.config import get_sam_config
-  from aopsam_jax.params import build_model, convert_state_dict
+  from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import build_model, convert_state_dict
   cfg = get_sam_config(model_type)
   tsam = reference.build_torch_sam(cfg, seed)
   _, params = convert_state_dict(reference.state_dict_numpy(tsam))
@@ -109,20 +109,20 @@ def _memory_child(framework: str, model_type: str, weights: str) -> None:
   The torch child builds only the official model (same seed = same weights);
   the JAX child never imports torch and loads the converted safetensors the
   parent wrote, so each peak is that framework's own."""
-  from aopsam_jax.image_io import load_image, sample_image_path
+  from aopsam_jax.sam.image_io import load_image, sample_image_path
   image = load_image(sample_image_path())
   pts, lab = _prompts(64, *image.shape[:2])
   if framework == "torch":
     from tests import reference
-    from aopsam_jax.config import get_sam_config
+    from aopsam_jax.sam.config import get_sam_config
     from segment_anything import SamPredictor as TP
     tp = TP(reference.build_torch_sam(get_sam_config(model_type), 0))
     tp.set_image(image)
     _torch_predict(tp, pts, lab, 64)
   else:
     import jax
-    from aopsam_jax.params import load_sam
-    from aopsam_jax.predictor import SamPredictor
+    from aopsam_jax.sam.params import load_sam
+    from aopsam_jax.sam.predictor import SamPredictor
     p = SamPredictor(load_sam(weights))
     p.set_image(image)
     p.predict(pts, lab)
@@ -152,8 +152,8 @@ def bench(args) -> str:
   import flax
   from tests import reference  # noqa: F401  (installs the torchvision stand-in if needed)
   from segment_anything import SamPredictor as TorchPredictor
-  from aopsam_jax.image_io import load_image, sample_image_path
-  from aopsam_jax.predictor import SamPredictor, embed_fn
+  from aopsam_jax.sam.image_io import load_image, sample_image_path
+  from aopsam_jax.sam.predictor import SamPredictor, embed_fn
 
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
@@ -168,7 +168,7 @@ def bench(args) -> str:
   x_torch = tp.transform.apply_image(image)
 
   # --- encoder -------------------------------------------------------------
-  from aopsam_jax.transforms import prepare_image
+  from aopsam_jax.sam.transforms import prepare_image
   padded, ihw, _ = prepare_image(image, cfg.img_size)
   padded, ihw = padded[None], ihw[None]
   t_first, _ = _timed(lambda: embed_fn(p.graphdef, p.state, padded, ihw).block_until_ready())
@@ -207,7 +207,7 @@ def bench(args) -> str:
   mem = {}
   if not args.no_memory:
     import tempfile
-    from aopsam_jax.params import flat_params, save_converted
+    from aopsam_jax.sam.params import flat_params, save_converted
     with tempfile.TemporaryDirectory() as tmp:
       weights = os.path.join(tmp, "sam.safetensors")
       save_converted(weights, jsam.config, flat_params(jsam))
@@ -278,8 +278,8 @@ def bf16_report(args) -> str:
   import numpy as np
   import jax
   import jax.numpy as jnp
-  from aopsam_jax.image_io import load_image, sample_image_path
-  from aopsam_jax.predictor import SamPredictor
+  from aopsam_jax.sam.image_io import load_image, sample_image_path
+  from aopsam_jax.sam.predictor import SamPredictor
   image = load_image(args.image or sample_image_path())
   h, w = image.shape[:2]
   cfg, tsam, jsam = _build(args.model)
@@ -344,7 +344,7 @@ def main(argv=None) -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                epilog="Writes benchmarks/results/sam_<backend>.md (or "
                                "sam_bf16.md with --bf16).")
-  ap.add_argument("--model", default="vit_b", help="vit_b (default), vit_l, vit_h or vit_t")
+  ap.add_argument("--model", default="vit_b", help="vit_b (default), vit_l, vit_h or vit_tiny_test")
   ap.add_argument("--repeats", type=int, default=3, help="timed encoder runs per framework")
   ap.add_argument("--decoder-repeats", type=int, default=2, help="timed runs per prompt count")
   ap.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")],

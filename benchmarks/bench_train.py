@@ -5,7 +5,7 @@
 Times the jitted train step of `aopsam_jax.train` (same optimizer, loss,
 Mesh/sharding code) on random batches, so no dataset is needed:
   cache   precomputed embeddings (the CPU path): predictor fwd+bwd only
-  online  vit_t SAM encoder inside the step (the accelerator path; on a
+  online  vit_tiny_test SAM encoder inside the step (the accelerator path; on a
           TPU/GPU use --sam vit_h)
 Writes benchmarks/results/train_<backend>.md.
 """
@@ -25,9 +25,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from aopsam_jax.config import get_sam_config  # noqa: E402
-from aopsam_jax.params import build_model  # noqa: E402
-from aopsam_jax.prompt_predictor import (PromptPredictor, PromptPredictorConfig,  # noqa: E402
+from aopsam_jax.sam.config import get_sam_config  # noqa: E402
+from aopsam_jax.sam.params import build_model  # noqa: E402
+from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig,  # noqa: E402
                                          count_params, forward_flops)
 from aopsam_jax.trainer import steps  # noqa: E402
 from configs import coco_tiny  # noqa: E402
@@ -75,7 +75,7 @@ def main():
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--modes", default="cache,online")
-  ap.add_argument("--sam", default="vit_t")
+  ap.add_argument("--sam", default="vit_tiny_test")
   ap.add_argument("--out", default=None)
   a = ap.parse_args()
   cfg = coco_tiny.get_config()

@@ -36,12 +36,12 @@ MAX_GT = 64  # ground-truth instance slots per image for the oracle decoder
 
 
 def main(argv=None):
-  from aopsam_jax import asf, bundle as bundle_lib, pipeline
+  from aopsam_jax.aop import asf, bundle as bundle_lib, pipeline
   from aopsam_jax.data.coco import load_annotations
   from aopsam_jax.data.targets import TargetConfig, sample_to_heatmap
-  from aopsam_jax.image_io import load_image
+  from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.trainer.evaluation import ImageGT, summarize
-  from aopsam_jax.transforms import preprocess
+  from aopsam_jax.sam.transforms import preprocess
 
   p = argparse.ArgumentParser()
   p.add_argument("--data", required=True)

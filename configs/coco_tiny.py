@@ -1,8 +1,8 @@
-"""Tiny CPU config: coco_tiny (80 train / 80 val COCO images), vit_t SAM.
+"""Tiny CPU config: coco_tiny (80 train / 80 val COCO images), vit_tiny_test SAM.
 
   python -m aopsam_jax.train --config configs/coco_tiny.py --workdir /tmp/pp_tiny
 
-The SAM encoder is the thin `vit_t` with RANDOM weights (no official weights
+The SAM encoder is the thin `vit_tiny_test` with RANDOM weights (no official weights
 can be downloaded here), so its embedding is uninformative and the
 predictor learns from its image branch.  Embeddings are cached on disk.
 """
@@ -41,7 +41,7 @@ def get_config():
       # see aopsam_jax/data/augment.py (cache mode flips the cached embedding too)
       augment=dict(hflip=0.0, brightness=0.0, contrast=0.0, saturation=0.0),
   )
-  c.sam = dict(model="vit_t", checkpoint="", seed=0)
+  c.sam = dict(model="vit_tiny_test", checkpoint="", seed=0)
   c.embeddings = "cache"                 # 'cache' (CPU) | 'online' (accelerators)
   c.targets = dict(min_area=64.0, sigma_scale=0.08, min_sigma=1.0, max_sigma=8.0)
   # ~42k params, 0.81 GFLOPs/image (the library default is 149k / 2.7 GFLOPs)

@@ -15,7 +15,7 @@ corrupt file, not a checkpoint, wrong model type) ends in one `CheckpointError`
 whose message names the file; the CLI prints it and exits with status 1.
 
 The output is a safetensors file named by Flax parameter path whose metadata
-holds the `SamConfig`; `aopsam_jax.params.load_sam(path)` loads it without torch.
+holds the `SamConfig`; `aopsam_jax.sam.params.load_sam(path)` loads it without torch.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from aopsam_jax import params as P
-from aopsam_jax.config import SAM_CONFIGS, SamConfig, get_sam_config
+from aopsam_jax.sam import params as P
+from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig, get_sam_config
 
 CheckpointError = P.CheckpointError
 CONVERTER_VERSION = "1"
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog="python -m conversion.convert_sam",
       description="Convert a Segment Anything (SAM v1) checkpoint to aopsam_jax safetensors "
       "(Flax parameter names, SamConfig in the metadata; load with "
-      "aopsam_jax.params.load_sam). Accepts the official sam_vit_{b,l,h}_*.pth files and "
+      "aopsam_jax.sam.params.load_sam). Accepts the official sam_vit_{b,l,h}_*.pth files and "
       "Hugging Face transformers SamModel weights (facebook/sam-vit-*: model.safetensors, "
       "pytorch_model.bin, a sharded *.index.json, or the model directory).",
       epilog="Example: python -m conversion.convert_sam --checkpoint sam_vit_b_01ec64.pth "

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder,  # noqa: E402
                                        Sam, TwoWayTransformer)
 
-from aopsam_jax.config import SamConfig  # noqa: E402
+from aopsam_jax.sam.config import SamConfig  # noqa: E402
 
 
 def build_torch_sam(cfg: SamConfig, seed: int = 0) -> Sam:

@@ -1,6 +1,6 @@
 """Grid AMG vs the official PyTorch `SamAutomaticMaskGenerator`.
 
-Same random-init weights (vit_t: real 1024 input and real decoder, thin
+Same random-init weights (vit_tiny_test: real 1024 input and real decoder, thin
 encoder) and the bundled sample image.  Random-init SAM gives low-contrast
 (|logit| < ~0.4), image-wide masks, so the thresholds are chosen for that:
   * stability_score_offset 0.05 (the default 1.0 makes every stability 0),
@@ -27,9 +27,9 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from pycocotools import mask as coco_mask  # noqa: E402
 
-from aopsam_jax import amg, mask_ops  # noqa: E402
-from aopsam_jax.config import SAM_CONFIGS  # noqa: E402
-from aopsam_jax.params import build_model, convert_state_dict  # noqa: E402
+from aopsam_jax.sam import amg, mask_ops  # noqa: E402
+from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
+from aopsam_jax.sam.params import build_model, convert_state_dict  # noqa: E402
 
 KW = dict(points_per_side=8, pred_iou_thresh=-0.095, stability_score_thresh=0.25,
           stability_score_offset=0.05, box_nms_thresh=1.0)
@@ -38,7 +38,7 @@ KW = dict(points_per_side=8, pred_iou_thresh=-0.095, stability_score_thresh=0.25
 def _image():
   from PIL import Image
   try:
-    from aopsam_jax.image_io import load_image, sample_image_path
+    from aopsam_jax.sam.image_io import load_image, sample_image_path
     return load_image(sample_image_path())
   except ImportError:
     import os
@@ -48,7 +48,7 @@ def _image():
 
 @pytest.fixture(scope="module")
 def models():
-  cfg = SAM_CONFIGS["vit_t"]
+  cfg = SAM_CONFIGS["vit_tiny_test"]
   tsam = build_torch_sam(cfg, seed=0)
   _, params = convert_state_dict(state_dict_numpy(tsam), cfg)
   return tsam, build_model(cfg, params)

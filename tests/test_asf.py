@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aopsam_jax import asf
+from aopsam_jax.aop import asf
 
 L = 256  # heatmap / low-res size
 FULL = np.array([1024, 1024], np.int32)

@@ -80,7 +80,7 @@ def test_jitter_matches_pil_enhance(fb, fc, fs):
 
 
 def test_jitter_cache_mode_only_touches_the_image():
-  from aopsam_jax.transforms import PIXEL_MEAN, PIXEL_STD
+  from aopsam_jax.sam.transforms import PIXEL_MEAN, PIXEL_STD
   rng = np.random.default_rng(3)
   pix = rng.uniform(40, 200, (256, 256, 3)).astype(np.float32)
   small = (pix - PIXEL_MEAN) / PIXEL_STD

@@ -17,8 +17,8 @@ from tests.reference import build_torch_sam, save_official_pth, state_dict_numpy
 
 import torch  # noqa: E402  (after tests.reference installed the torchvision stand-in)
 
-from aopsam_jax import params as P  # noqa: E402
-from aopsam_jax.config import SAM_CONFIGS  # noqa: E402
+from aopsam_jax.sam import params as P  # noqa: E402
+from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
 from conversion import convert_sam  # noqa: E402
 from conversion.convert_sam import CheckpointError  # noqa: E402
 
@@ -29,8 +29,8 @@ OFFICIAL_PARAM_COUNTS = {"vit_b": 93_735_728, "vit_l": 312_343_088, "vit_h": 641
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """A vit_t official model, its numpy state dict and its .pth file."""
-  sam = build_torch_sam(SAM_CONFIGS["vit_t"], seed=4)
+  """A vit_tiny_test official model, its numpy state dict and its .pth file."""
+  sam = build_torch_sam(SAM_CONFIGS["vit_tiny_test"], seed=4)
   d = tmp_path_factory.mktemp("conv")
   pth = save_official_pth(sam, str(d / "sam_vit_t.pth"))
   return sam, state_dict_numpy(sam), pth
@@ -90,10 +90,10 @@ def test_convert_official_pth(tiny, tmp_path, capsys):
   out = tmp_path / "sam_vit_t.safetensors"
   rc, stdout, stderr = run_cli(["--checkpoint", pth, "--out", out], capsys)
   assert rc == 0, stderr
-  assert "vit_t" in stdout and len(stdout.splitlines()) <= 4  # short progress output
+  assert "vit_tiny_test" in stdout and len(stdout.splitlines()) <= 4  # short progress output
   cfg, flat, meta = P.read_converted(str(out))
-  assert cfg == SAM_CONFIGS["vit_t"]
-  assert meta["model_type"] == "vit_t" and meta["source_layout"] == "official"
+  assert cfg == SAM_CONFIGS["vit_tiny_test"]
+  assert meta["model_type"] == "vit_tiny_test" and meta["source_layout"] == "official"
   assert meta["source_file"] == "sam_vit_t.pth" and len(meta["source_sha256"]) == 64
   assert set(flat) == set(P.flat_param_shapes(cfg))
   assert sum(v.size for v in flat.values()) == sum(v.size for v in sd.values())
@@ -117,7 +117,7 @@ def test_convert_official_pth(tiny, tmp_path, capsys):
 
 
 def test_explicit_model_type_and_formats(tiny, tmp_path):
-  """--model-type vit_t; legacy (non-zip) torch.save; a training-checkpoint wrapper;
+  """--model-type vit_tiny_test; legacy (non-zip) torch.save; a training-checkpoint wrapper;
   fp16 weights; no stray .tmp file left."""
   sam, sd, pth = tiny
   ref = convert_sam.convert_checkpoint(pth)[1]
@@ -127,7 +127,7 @@ def test_explicit_model_type_and_formats(tiny, tmp_path):
   torch.save({"model": sam.state_dict(), "epoch": 3}, wrapped)
   for src in (legacy, wrapped):
     out = tmp_path / (src.stem + ".safetensors")
-    assert convert_sam.main(["-c", str(src), "-o", str(out), "--model-type", "vit_t", "-q"]) == 0
+    assert convert_sam.main(["-c", str(src), "-o", str(out), "--model-type", "vit_tiny_test", "-q"]) == 0
     _, flat, _ = P.read_converted(str(out))
     assert set(flat) == set(ref) and all(np.array_equal(flat[k], ref[k]) for k in ref)
   half = tmp_path / "half.pth"
@@ -148,14 +148,14 @@ def test_wrong_model_type_names_keys(tiny, tmp_path, capsys):
   assert pth in err and "--model-type vit_b" in err
   assert "image_encoder.patch_embed.proj.weight" in err          # wrongly shaped key
   assert "image_encoder.blocks.2" in err                         # missing blocks
-  assert "look like vit_t" in err
+  assert "look like vit_tiny_test" in err
   assert "missing parameter(s): image_encoder.blocks.2." in err  # present blocks 0, 1 not "missing"
   assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_reduced_depth_against_full_type(tmp_path):
   """A depth-2 checkpoint of vit_h width converted as vit_h: error lists the missing blocks."""
-  cfg = SAM_CONFIGS["vit_t"].__class__(encoder_embed_dim=1280, encoder_depth=2,
+  cfg = SAM_CONFIGS["vit_tiny_test"].__class__(encoder_embed_dim=1280, encoder_depth=2,
                                          encoder_num_heads=16, encoder_global_attn_indexes=(1,))
   with torch.device("meta"):
     sam = build_torch_sam(cfg)
@@ -197,7 +197,7 @@ def test_unexpected_key(tiny, tmp_path):
   sd = dict(tiny[1])
   sd["image_encoder.blocks.7.attn.qkv.weight"] = sd["image_encoder.blocks.1.attn.qkv.weight"]
   with pytest.raises(CheckpointError, match=r"unexpected key\(s\): image_encoder\.blocks\.7"):
-    P.convert_state_dict(sd, SAM_CONFIGS["vit_t"])
+    P.convert_state_dict(sd, SAM_CONFIGS["vit_tiny_test"])
   # ... and makes shape-based detection fail cleanly, naming what it lacks.
   msg = _convert_sd(sd, tmp_path, "gap.pth")
   assert "cannot infer the SAM size" in msg and "image_encoder.blocks.2.attn.rel_pos_h" in msg
@@ -367,8 +367,8 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import json
 import numpy as np
-from aopsam_jax.params import load_sam
-from aopsam_jax.predictor import SamPredictor
+from aopsam_jax.sam.params import load_sam
+from aopsam_jax.sam.predictor import SamPredictor
 sam = load_sam(sys.argv[1])
 pred = SamPredictor(sam)
 pred.set_image(np.load(sys.argv[2]))

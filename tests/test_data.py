@@ -195,7 +195,7 @@ def test_example_transform_online(tmp_path):
   ex = pipeline.ExampleTransform(TargetConfig())(src[0])
   assert ex["image"].shape == (1024, 1024, 3) and ex["image"].dtype == np.uint8
   h, w = int(src[0]["height"]), int(src[0]["width"])
-  from aopsam_jax.transforms import get_preprocess_shape
+  from aopsam_jax.sam.transforms import get_preprocess_shape
   assert tuple(ex["input_hw"]) == get_preprocess_shape(h, w)
   ih, iw = ex["input_hw"]
   assert ex["image"][ih:].sum() == 0 and ex["image"][:, iw:].sum() == 0

@@ -45,7 +45,7 @@ def test_size_classes_and_summary():
 
 def test_markdown_and_plot(tmp_path):
   res = {"dataset": {"dir": "/x/coco_tiny", "split": "val", "images": 2, "amg_mask_images": 1},
-         "sam": {"model": "vit_t", "random_weights": True, "source": {}},
+         "sam": {"model": "vit_tiny_test", "random_weights": True, "source": {}},
          "machine": {"backend": "cpu", "cpu_count": 2, "jax": "0", "process_peak_rss_mib": 1.0},
          "methods": {"aop": {"prompts_per_image": 30.0, "prompt_recall": 0.5,
                              "latency_median_s": 1.0},

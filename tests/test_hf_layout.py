@@ -25,9 +25,9 @@ from tests.reference import build_torch_sam, rel_err, save_official_pth, state_d
 
 import torch  # noqa: E402  (after tests.reference installed the torchvision stand-in)
 
-from aopsam_jax import params as P  # noqa: E402
-from aopsam_jax import prompts  # noqa: E402
-from aopsam_jax.config import SAM_CONFIGS  # noqa: E402
+from aopsam_jax.sam import params as P  # noqa: E402
+from aopsam_jax.sam import prompts  # noqa: E402
+from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
 from conversion import convert_sam  # noqa: E402
 from conversion.convert_sam import CheckpointError  # noqa: E402
 
@@ -94,11 +94,11 @@ def _assert_same_params(a: dict, b: dict):
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
   """(torch Sam, numpy state dict, params converted via the official .pth path)."""
-  sam = build_torch_sam(SAM_CONFIGS["vit_t"], seed=5)
+  sam = build_torch_sam(SAM_CONFIGS["vit_tiny_test"], seed=5)
   d = tmp_path_factory.mktemp("hf")
   pth = save_official_pth(sam, str(d / "sam_vit_t.pth"))
   cfg, flat, layout = convert_sam.convert_checkpoint(pth)
-  assert layout == "official" and cfg == SAM_CONFIGS["vit_t"]
+  assert layout == "official" and cfg == SAM_CONFIGS["vit_tiny_test"]
   return sam, state_dict_numpy(sam), flat
 
 
@@ -125,7 +125,7 @@ def test_hf_named_files_convert_identically(official, tmp_path):
     out = tmp_path / ("conv_" + name)
     assert convert_sam.main(["-c", path, "-o", str(out), "-q"]) == 0, name
     cfg, flat, meta = P.read_converted(str(out))
-    assert cfg == SAM_CONFIGS["vit_t"] and meta["source_layout"] == "hf", name
+    assert cfg == SAM_CONFIGS["vit_tiny_test"] and meta["source_layout"] == "hf", name
     _assert_same_params(flat, ref)
   # pytorch_model.bin with HF keys (a torch pickle, not safetensors).
   binf = tmp_path / "pytorch_model.bin"
@@ -175,7 +175,7 @@ def _import_transformers():
 
 def _hf_config(ln_eps: float):
   tr = _import_transformers()
-  cfg = SAM_CONFIGS["vit_t"]
+  cfg = SAM_CONFIGS["vit_tiny_test"]
   vision = tr.SamVisionConfig(hidden_size=cfg.encoder_embed_dim,
                               num_hidden_layers=cfg.encoder_depth,
                               num_attention_heads=cfg.encoder_num_heads,

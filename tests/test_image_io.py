@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aopsam_jax.image_io import DEFAULT_MAX_PIXELS, load_image, sample_image_path
+from aopsam_jax.sam.image_io import DEFAULT_MAX_PIXELS, load_image, sample_image_path
 
 
 def _rgb(h=6, w=5, seed=0):
@@ -222,8 +222,8 @@ def test_very_large_jpeg_memory(tmp_path):
           f"im.save({path!r}, quality=80)\n")
   subprocess.run([sys.executable, "-c", make], check=True)
   check = ("from aopsam_jax.sysinfo import peak_rss_kb\n"
-           "from aopsam_jax.image_io import load_image\n"
-           "from aopsam_jax.transforms import prepare_image\n"
+           "from aopsam_jax.sam.image_io import load_image\n"
+           "from aopsam_jax.sam.transforms import prepare_image\n"
            f"a = load_image({path!r})\n"
            "assert a.shape == (8000, 10000, 3), a.shape\n"
            "assert abs(int(a[3000, 4000, 0]) - 200) < 4 and abs(int(a[100, 100, 2]) - 90) < 4\n"

@@ -14,8 +14,8 @@ import torch  # noqa: E402
 from pycocotools import mask as coco_mask  # noqa: E402
 from segment_anything.utils import amg as off  # noqa: E402
 
-from aopsam_jax import mask_ops, rle  # noqa: E402
-from aopsam_jax.transforms import postprocess_masks  # noqa: E402
+from aopsam_jax.sam import mask_ops, rle  # noqa: E402
+from aopsam_jax.sam.transforms import postprocess_masks  # noqa: E402
 
 
 def _blobs(rng, n, h, w, empty_every=5):
@@ -116,7 +116,7 @@ def test_grid_and_crop_boxes_match_official():
 @pytest.mark.parametrize("orig_hw", [(428, 640), (1500, 900)])
 def test_boxes_from_low_res_close_to_full_res(orig_hw):
   """The NMS boxes from low-res logits vs the official full-resolution ones."""
-  from aopsam_jax.transforms import get_preprocess_shape
+  from aopsam_jax.sam.transforms import get_preprocess_shape
   rng = np.random.default_rng(4)
   input_hw = np.array(get_preprocess_shape(*orig_hw), np.int32)
   # smooth random logits: sums of a few Gaussian bumps minus a bias

@@ -26,9 +26,9 @@ from tests.reference import build_torch_sam, rel_err, save_official_pth
 import torch  # noqa: E402  (after tests.reference installed the torchvision stand-in)
 from segment_anything import SamPredictor  # noqa: E402
 
-from aopsam_jax import prompts, transforms  # noqa: E402
-from aopsam_jax.config import SAM_CONFIGS, SamConfig  # noqa: E402
-from aopsam_jax.params import load_sam, read_converted  # noqa: E402
+from aopsam_jax.sam import prompts, transforms  # noqa: E402
+from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig  # noqa: E402
+from aopsam_jax.sam.params import load_sam, read_converted  # noqa: E402
 from conversion import convert_sam  # noqa: E402
 
 REL_TOL = 1e-4
@@ -187,15 +187,15 @@ def _run_cases(ours, pred, cases, label, stats):
     prev = t[2][:, best]  # (1, 256, 256) torch low-res logits of the best mask
 
 
-# --- vit_t: several images, every prompt kind ---------------------------------
+# --- vit_tiny_test: several images, every prompt kind ---------------------------------
 
 
 @pytest.fixture(scope="module")
-def vit_t(tmp_path_factory):
+def vit_tiny_test(tmp_path_factory):
   """(torch Sam, our predictor): one converted model and one jit cache for the module."""
-  cfg = SAM_CONFIGS["vit_t"]
+  cfg = SAM_CONFIGS["vit_tiny_test"]
   sam = build_torch_sam(cfg, seed=1)
-  out = convert_torch_model(sam, tmp_path_factory.mktemp("vit_t"), "sam_vit_t", "vit_t")
+  out = convert_torch_model(sam, tmp_path_factory.mktemp("vit_tiny_test"), "sam_vit_t", "vit_tiny_test")
   return sam, OurPredictor(load_sam(out))
 
 
@@ -208,8 +208,8 @@ SOME = ("point/multi", "point+mask/single", "box+point/multi")
 
 @pytest.mark.parametrize("size,which", IMAGES,
                          ids=lambda s: s if isinstance(s, str) else f"{s[0]}x{s[1]}")
-def test_predictor_parity_vit_t(vit_t, size, which):
-  sam, ours = vit_t
+def test_predictor_parity_vit_t(vit_tiny_test, size, which):
+  sam, ours = vit_tiny_test
   image = sample_image() if size == "sample" else synthetic_image(*size, seed=sum(size))
   h, w = image.shape[:2]
   pred = SamPredictor(sam)
@@ -223,12 +223,12 @@ def test_predictor_parity_vit_t(vit_t, size, which):
   cases = prompt_cases(h, w, seed=h + w)
   if which != "all":
     cases = [c for c in cases if c[0] in SOME]
-  run_cases(ours, pred, cases, f"vit_t {h}x{w}")
+  run_cases(ours, pred, cases, f"vit_tiny_test {h}x{w}")
 
 
-def test_predictor_api_single_prompt(vit_t):
+def test_predictor_api_single_prompt(vit_tiny_test):
   """The official `SamPredictor.predict` (numpy API, one prompt) agrees too."""
-  sam, ours = vit_t
+  sam, ours = vit_tiny_test
   image = synthetic_image(480, 640, seed=5)
   pred = SamPredictor(sam)
   pred.set_image(image)
@@ -240,12 +240,12 @@ def test_predictor_api_single_prompt(vit_t):
   compare((m_j[0], iou_j[0], low_j[0]), (m_t, iou_t, low_t), "SamPredictor.predict")
   # return_logits=False: the official boolean masks (logits > mask_threshold 0.0).
   masks_bool, _, _ = pred.predict(pc, pl, box, multimask_output=True)
-  assert np.mean(masks_bool == (m_j[0] > SAM_CONFIGS["vit_t"].mask_threshold)) >= PIXEL_AGREEMENT
+  assert np.mean(masks_bool == (m_j[0] > SAM_CONFIGS["vit_tiny_test"].mask_threshold)) >= PIXEL_AGREEMENT
 
 
-def test_batched_prompts_vit_t(vit_t):
+def test_batched_prompts_vit_t(vit_tiny_test):
   """B prompts on one embedding (broadcast) == official predict_torch with B boxes + points."""
-  sam, ours = vit_t
+  sam, ours = vit_tiny_test
   image = synthetic_image(427, 640, seed=7)
   pred = SamPredictor(sam)
   pred.set_image(image)
@@ -265,7 +265,7 @@ def test_batched_prompts_vit_t(vit_t):
           torch_predict(pred, pts, lbl_pad, None, multimask_output=True), "batched pad labels")
 
 
-# --- layer by layer (diagnosis), vit_t ----------------------------------------
+# --- layer by layer (diagnosis), vit_tiny_test ----------------------------------------
 
 
 def _jax_intermediates(model, x, coords, labels, mask):
@@ -285,9 +285,9 @@ def _jax_intermediates(model, x, coords, labels, mask):
   return out
 
 
-def test_layerwise_vit_t(vit_t):
+def test_layerwise_vit_t(vit_tiny_test):
   """Intermediate tensors (bonsai style), to tell where a divergence starts."""
-  sam, ours = vit_t
+  sam, ours = vit_tiny_test
   enc_t, pe_t = sam.image_encoder, sam.prompt_encoder
   x = np.random.RandomState(0).randn(1, 1024, 1024, 3).astype(np.float32)
   pts = np.array([[[100.0, 200.0], [700.0, 20.0]]], np.float32)

@@ -1,7 +1,7 @@
 """The one-program AoP-SAM pipeline: one executable, no host transfers,
 size-independent compilation, batches, embedding in user jit code.
 
-Uses vit_t with random weights and a small UNTRAINED predictor whose head
+Uses vit_tiny_test with random weights and a small UNTRAINED predictor whose head
 bias is 0 (so the heatmap has peaks); the mask filters are switched off so
 that every accepted prompt yields masks (random SAM's predicted IoU means
 nothing).  Checks are against independent references: numpy peak finding on
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aopsam_jax import bundle as bundle_lib
-from aopsam_jax import pipeline
-from aopsam_jax.image_io import load_image, sample_image_path
-from aopsam_jax.prompt_predictor import PromptPredictorConfig
+from aopsam_jax.aop import bundle as bundle_lib
+from aopsam_jax.aop import pipeline
+from aopsam_jax.sam.image_io import load_image, sample_image_path
+from aopsam_jax.aop.prompt_predictor import PromptPredictorConfig
 
 CFG = pipeline.AsfConfig(k_coarse=6, k_fine=2, peak_kernel=7, pred_iou_thresh=0.0,
                          stability_score_thresh=0.0,
@@ -31,7 +31,7 @@ PP = PromptPredictorConfig(img_channels=(8, 16, 32), embed_proj=32, hidden=32, d
 
 @pytest.fixture(scope="module")
 def setup():
-  b = bundle_lib.random_bundle("vit_t", seed=0, predictor_cfg=PP, asf_cfg=CFG)
+  b = bundle_lib.random_bundle("vit_tiny_test", seed=0, predictor_cfg=PP, asf_cfg=CFG)
   img = load_image(sample_image_path())
   h, w = img.shape[:2]
   img2 = np.ascontiguousarray(img[: h // 2, : (3 * w) // 4])  # different size and aspect
@@ -98,7 +98,7 @@ def test_prompts_are_heatmap_peaks(setup, outputs):
 def test_masks_match_eager_decoder(setup, outputs):
   b, _, inps = setup
   outs, _ = outputs
-  from aopsam_jax.transforms import preprocess
+  from aopsam_jax.sam.transforms import preprocess
   inp, o = inps[0], outs[0]
   emb = b.sam.encode_image(preprocess(jnp.asarray(inp.padded), jnp.asarray(inp.input_hw))[None])
   ok = np.nonzero(np.asarray(o["valid"]))[0][:2]
@@ -145,7 +145,7 @@ def test_bundle_roundtrip(tmp_path, setup):
   b, _, _ = setup
   path = tmp_path / "bundle"
   bundle_lib.save_bundle(str(path), b.sam, b.predictor, CFG,
-                         random_init={"model": "vit_t", "seed": 0}, notes="test")
+                         random_init={"model": "vit_tiny_test", "seed": 0}, notes="test")
   assert not (path / "sam.safetensors").exists()
   with pytest.warns(UserWarning, match="RANDOM"):
     b2 = bundle_lib.load_bundle(str(path))
@@ -155,4 +155,4 @@ def test_bundle_roundtrip(tmp_path, setup):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
   with pytest.raises(ValueError, match="reproduce"):
     bundle_lib.save_bundle(str(tmp_path / "b3"), b.sam, b.predictor, CFG,
-                           random_init={"model": "vit_t", "seed": 1})
+                           random_init={"model": "vit_tiny_test", "seed": 1})

@@ -1,6 +1,6 @@
 """SamPredictor against the official segment_anything.SamPredictor (same random weights).
 
-vit_t (thin encoder, real 1024 input and full decoder) keeps this fast; the
+vit_tiny_test (thin encoder, real 1024 input and full decoder) keeps this fast; the
 official PyTorch predictor on the same converted weights is the reference.
 """
 
@@ -16,15 +16,15 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from segment_anything import SamPredictor as TorchPredictor  # noqa: E402
 
-from aopsam_jax import predictor as predictor_mod  # noqa: E402
-from aopsam_jax.config import SAM_CONFIGS  # noqa: E402
-from aopsam_jax.image_io import load_image, sample_image_path  # noqa: E402
-from aopsam_jax.params import build_model, convert_state_dict  # noqa: E402
-from aopsam_jax.predictor import SamPredictor, decode_fn, split_sam  # noqa: E402
-from aopsam_jax.prompts import build_sparse_prompts  # noqa: E402
-from aopsam_jax.transforms import apply_coords  # noqa: E402
+from aopsam_jax.sam import predictor as predictor_mod  # noqa: E402
+from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
+from aopsam_jax.sam.image_io import load_image, sample_image_path  # noqa: E402
+from aopsam_jax.sam.params import build_model, convert_state_dict  # noqa: E402
+from aopsam_jax.sam.predictor import SamPredictor, decode_fn, split_sam  # noqa: E402
+from aopsam_jax.sam.prompts import build_sparse_prompts  # noqa: E402
+from aopsam_jax.sam.transforms import apply_coords  # noqa: E402
 
-CFG = SAM_CONFIGS["vit_t"]
+CFG = SAM_CONFIGS["vit_tiny_test"]
 TOL = 1e-4  # relative L2 of float32 logits vs the official model (measured ~1e-6)
 
 
@@ -264,7 +264,7 @@ def test_split_sam_dtype_keeps_params(models):
 
 
 def test_bfloat16_close_to_float32(models, pair, image):
-  """bf16 compute vs f32 at vit_t; bounds are ~3x the measured values
+  """bf16 compute vs f32 at vit_tiny_test; bounds are ~3x the measured values
   (see benchmarks/results/sam_bf16.md for vit_b numbers)."""
   _, jsam = models
   p32, _ = pair

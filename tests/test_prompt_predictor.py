@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from aopsam_jax.peaks import extract_peaks, local_maxima
-from aopsam_jax.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
+from aopsam_jax.aop.peaks import extract_peaks, local_maxima
+from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
                                          downsample_image, forward_flops, load_predictor,
                                          save_predictor)
 from aopsam_jax.trainer.losses import focal_loss

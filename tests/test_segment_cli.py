@@ -1,4 +1,4 @@
-"""`python -m aopsam_jax.segment` end to end (random-init vit_t, tiny grid)."""
+"""`python -m aopsam_jax.segment` end to end (random-init vit_tiny_test, tiny grid)."""
 
 import json
 import os
@@ -34,7 +34,7 @@ def test_segment_amg_and_prompt(tmp_path):
   Image.fromarray(rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)).save(d / "000000000042.png")
   Image.fromarray(rng.integers(0, 255, (90, 60, 3), dtype=np.uint8)).save(d / "b.jpg")
   out = tmp_path / "out"
-  rc = segment.main([str(d), "--model-type", "vit_t", "--mode", "amg", "--points-per-side", "2",
+  rc = segment.main([str(d), "--model-type", "vit_tiny_test", "--mode", "amg", "--points-per-side", "2",
                      "--points-per-batch", "4", "--max-masks", "8", "--out", str(out),
                      "--show-points"])
   assert rc == 0
@@ -46,12 +46,12 @@ def test_segment_amg_and_prompt(tmp_path):
     assert png.size[0] >= 60
 
   out2 = tmp_path / "out2"
-  rc = segment.main([str(d / "b.jpg"), "--model-type", "vit_t", "--mode", "prompt",
+  rc = segment.main([str(d / "b.jpg"), "--model-type", "vit_tiny_test", "--mode", "prompt",
                      "--point", "30,40", "--out", str(out2)])
   assert rc == 0
   res = _check_results(out2 / "b.json", (90, 60), "random-init weights")
   assert len(res) == 3 and res[0]["point_coords"] == [[30.0, 40.0]]
-  rc = segment.main([str(d / "b.jpg"), "--model-type", "vit_t", "--mode", "prompt",
+  rc = segment.main([str(d / "b.jpg"), "--model-type", "vit_tiny_test", "--mode", "prompt",
                      "--box", "5,5,50,80", "--out", str(out2)])
   assert rc == 0
   assert len(json.load(open(out2 / "b.json"))) == 1

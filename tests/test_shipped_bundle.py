@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aopsam_jax import bundle as bundle_lib
+from aopsam_jax import bundle as bundle_cli
+from aopsam_jax.aop import bundle as bundle_lib
 from aopsam_jax import segment
-from aopsam_jax.prompt_predictor import count_params
+from aopsam_jax.aop.prompt_predictor import count_params
 from tests.reference import shared_data_dir
 
 COCO_TINY = os.path.join(shared_data_dir(), "coco_tiny")
@@ -59,12 +60,12 @@ def test_shipped_predictor_beats_a_grid_of_the_same_budget(shipped):
   import jax
   import jax.numpy as jnp
 
-  from aopsam_jax import pipeline, peaks
+  from aopsam_jax.aop import pipeline, peaks
   from aopsam_jax.data.coco import load_annotations
   from aopsam_jax.data.targets import TargetConfig
-  from aopsam_jax.image_io import load_image
+  from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.trainer.evaluation import ImageGT, grid_points, heatmap_to_original
-  from aopsam_jax.transforms import preprocess
+  from aopsam_jax.sam.transforms import preprocess
 
   b, _ = shipped
   k = b.asf.k_coarse + b.asf.k_fine
@@ -97,19 +98,19 @@ def test_bundle_cli_packages_a_training_run(tmp_path, capsys):
   """`python -m aopsam_jax.bundle`: predictor dir + SAM source + ASF overrides -> loadable bundle."""
   pred_dir = os.path.join(bundle_lib.DEFAULT_BUNDLE, "predictor")
   out = tmp_path / "b"
-  assert bundle_lib.main(["--predictor", pred_dir, "--sam-random", "vit_t:0", "--out", str(out),
+  assert bundle_cli.main(["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out", str(out),
                           "--asf", "k_coarse=8", "--asf", "nms_thresh=0.5",
                           "--meta", "train_steps=7"]) == 0
   b = bundle_lib.load_bundle(str(out), quiet=True)
   assert (b.asf.k_coarse, b.asf.nms_thresh) == (8, 0.5)
   assert b.meta["metadata"]["train_steps"] == 7
   with pytest.raises(ValueError, match="unknown AsfConfig"):
-    bundle_lib.main(["--predictor", pred_dir, "--sam-random", "vit_t:0", "--out",
+    bundle_cli.main(["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out",
                      str(tmp_path / "c"), "--asf", "no_such_field=1"])
   with pytest.raises(SystemExit):  # malformed override: a usage error, not a traceback
-    bundle_lib.main(["--predictor", pred_dir, "--sam-random", "vit_t:0", "--out",
+    bundle_cli.main(["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out",
                      str(tmp_path / "d"), "--asf", "k_coarse"])
   assert "--asf needs KEY=VALUE" in capsys.readouterr().err
   with pytest.raises(SystemExit):
-    bundle_lib.main(["--help"])
+    bundle_cli.main(["--help"])
   assert "--sam-checkpoint" in capsys.readouterr().out

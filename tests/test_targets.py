@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from aopsam_jax.data import targets as T
-from aopsam_jax.transforms import get_preprocess_shape
+from aopsam_jax.sam.transforms import get_preprocess_shape
 
 
 def _blob(rng, h, w):

@@ -1,4 +1,4 @@
-"""End-to-end training program on a synthetic COCO dataset (vit_t, random SAM).
+"""End-to-end training program on a synthetic COCO dataset (vit_tiny_test, random SAM).
 
 Fast: a short run (metrics, plots, predictor bundle) and resume-from-checkpoint
 equality.  Slow (`-m slow`): SIGKILL + restart, 8 simulated devices, and two
@@ -66,7 +66,7 @@ def _params(workdir):
 
 
 def test_train_runs_and_resumes(synth):
-  from aopsam_jax.prompt_predictor import load_predictor
+  from aopsam_jax.aop.prompt_predictor import load_predictor
   from aopsam_jax.train import train_and_evaluate
   root, tmp = synth
   wa = os.path.join(tmp, "run_a")

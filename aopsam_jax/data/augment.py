@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from aopsam_jax.transforms import PIXEL_MEAN, PIXEL_STD
+from aopsam_jax.sam.transforms import PIXEL_MEAN, PIXEL_STD
 
 STREAM_INDEX = "_stream_index"  # record key set by `pipeline.train_dataset`
 

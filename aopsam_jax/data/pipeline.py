@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional
 import grain
 import numpy as np
 
-from aopsam_jax import transforms
+from aopsam_jax.sam import transforms
 from aopsam_jax.data import augment as augment_lib
 from aopsam_jax.data import coco
 from aopsam_jax.data.targets import TargetConfig, make_target

@@ -29,7 +29,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from aopsam_jax.transforms import get_preprocess_shape
+from aopsam_jax.sam.transforms import get_preprocess_shape
 
 STRIDE = 4
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from aopsam_jax.data import coco, yolo
 from aopsam_jax.data.pipeline import ExampleTransform
-from aopsam_jax.transforms import get_preprocess_shape
+from aopsam_jax.sam.transforms import get_preprocess_shape
 
 
 def parse_selection(sel: str) -> List[Tuple[str, str]]:
@@ -107,8 +107,8 @@ class CacheTransform(ExampleTransform):
 
 
 def build_cache(cache_root, fingerprint, name, split, source, encode, sam_cfg, progress):
-  from aopsam_jax import transforms
-  from aopsam_jax.embed_cache import EmbeddingCache
+  from aopsam_jax.sam import transforms
+  from aopsam_jax.trainer.embed_cache import EmbeddingCache
   cache = EmbeddingCache(cache_root, fingerprint, f"{name}_{split}")
   if not cache.complete:
     def gen():
@@ -137,7 +137,7 @@ def make_split(data_cfg, selection: str, mode: str, target_cfg, *, sam=None, fin
     sources.append(src)
     if mode == "cache":
       if encode is None:
-        from aopsam_jax.embed_cache import make_encode_fn
+        from aopsam_jax.trainer.embed_cache import make_encode_fn
         encode = make_encode_fn(sam)
       caches.append(build_cache(data_cfg.cache_dir, fingerprint, name, split, src, encode,
                                 sam.config, progress))

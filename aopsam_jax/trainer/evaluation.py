@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from aopsam_jax.data.targets import STRIDE, TargetConfig, decode_mask
-from aopsam_jax.transforms import get_preprocess_shape
+from aopsam_jax.sam.transforms import get_preprocess_shape
 
 
 def grid_points(n: int, h0: int, w0: int) -> np.ndarray:

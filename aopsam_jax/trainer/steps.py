@@ -18,11 +18,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from aopsam_jax import transforms
+from aopsam_jax.sam import transforms
 from aopsam_jax.data.targets import STRIDE
-from aopsam_jax.mask_ops import low_res_valid_region
-from aopsam_jax.peaks import extract_peaks
-from aopsam_jax.prompt_predictor import downsample_image
+from aopsam_jax.sam.mask_ops import low_res_valid_region
+from aopsam_jax.aop.peaks import extract_peaks
+from aopsam_jax.aop.prompt_predictor import downsample_image
 from aopsam_jax.trainer.losses import LOSSES
 
 

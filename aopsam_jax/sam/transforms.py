@@ -94,7 +94,7 @@ def apply_coords_jax(coords: jax.Array, original_hw: jax.Array, input_hw: jax.Ar
   return coords * scale[..., None, :] if coords.ndim > scale.ndim else coords * scale
 
 
-def _interp_matrix(out_len: int, out_valid, in_len: int, in_valid) -> jax.Array:
+def interp_matrix(out_len: int, out_valid, in_len: int, in_valid) -> jax.Array:
   """(out_len, in_len) matrix of torch bilinear (align_corners=False) resizing
   from the first `in_valid` input samples to `out_valid` output samples.
 
@@ -118,9 +118,9 @@ def _interp_matrix(out_len: int, out_valid, in_len: int, in_valid) -> jax.Array:
 def postprocess_matrices(low_res: int, img_size: int, input_hw, original_hw,
                          out_hw: Tuple[int, int]) -> Tuple[jax.Array, jax.Array]:
   """Row and column matrices (Hout x low_res, Wout x low_res) for `postprocess_masks`."""
-  up = _interp_matrix(img_size, img_size, low_res, low_res)  # (S, low)
-  ry = _interp_matrix(out_hw[0], original_hw[0], img_size, input_hw[0]) @ up
-  rx = _interp_matrix(out_hw[1], original_hw[1], img_size, input_hw[1]) @ up
+  up = interp_matrix(img_size, img_size, low_res, low_res)  # (S, low)
+  ry = interp_matrix(out_hw[0], original_hw[0], img_size, input_hw[0]) @ up
+  rx = interp_matrix(out_hw[1], original_hw[1], img_size, input_hw[1]) @ up
   return ry, rx
 
 

@@ -251,7 +251,7 @@ def boxes_from_low_res(logits: Array, input_hw: Array, original_hw: Array, img_s
   to sub-pixel effects of the 2-D interpolation (a thin protrusion may
   enlarge a box by a pixel or two).  Empty -> zeros.  Returns float32.
   """
-  from aopsam_jax.transforms import _interp_matrix  # local: keeps import graph small
+  from aopsam_jax.sam.transforms import interp_matrix  # local: keeps import graph small
   l = logits.shape[-1]
   ratio = img_size / l
   lr_rows = jnp.arange(l) * ratio < input_hw[0]
@@ -259,7 +259,7 @@ def boxes_from_low_res(logits: Array, input_hw: Array, original_hw: Array, img_s
   neg = jnp.float32(-1e9)
   col_prof = jnp.max(jnp.where(lr_rows[:, None], logits, neg), axis=-2)  # (..., l)
   row_prof = jnp.max(jnp.where(lr_cols[None, :], logits, neg), axis=-1)  # (..., l)
-  up = _interp_matrix(img_size, img_size, l, l)  # (S, l)
+  up = interp_matrix(img_size, img_size, l, l)  # (S, l)
   hp = jax.lax.Precision.HIGHEST
   col_up = jnp.einsum("sl,...l->...s", up, col_prof, precision=hp)
   row_up = jnp.einsum("sl,...l->...s", up, row_prof, precision=hp)

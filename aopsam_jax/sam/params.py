@@ -11,6 +11,7 @@ A converted file is a safetensors file whose tensors are named by Flax path
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.config import SAM_CONFIGS, SamConfig
-from aopsam_jax.modeling import Sam
+from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig
+from aopsam_jax.sam.modeling import Sam
 
 FORMAT_VERSION = "1"
 
@@ -396,3 +397,14 @@ def load_sam(path: str, *, dtype=None) -> Sam:
   """Load a converted safetensors file into a Sam (no torch needed)."""
   cfg, params, _ = read_converted(path)
   return build_model(cfg, params, dtype=dtype)
+
+
+def encoder_fingerprint(sam) -> str:
+  """sha256 of the image encoder's config and weights: which encoder a predictor was trained on."""
+  h = hashlib.sha256()
+  h.update(sam.config.to_json().encode())
+  # dotted names sort like the key tuples ('.' is below every identifier character)
+  for name, arr in sorted(flat_params(sam.image_encoder).items()):
+    h.update(name.encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()

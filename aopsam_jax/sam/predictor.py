@@ -16,7 +16,7 @@ returned at the original size), built on pure jitted functions of
 `graphdef`, `multimask_output`, `out_hw`, `return_logits` and `img_size` are
 static; everything else is traced, so they can be called inside a user's own
 `jax.jit` too.  `coords` here are already in the resized-input frame and in the
-decoder's static form (see `aopsam_jax.prompts.build_sparse_prompts`).
+decoder's static form (see `aopsam_jax.sam.prompts.build_sparse_prompts`).
 
 Recompilation: the number of prompts B is padded up to a bucket of
 `prompt_buckets` (default 1, 4, 16, 64; larger batches run in chunks of the
@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.image_io import load_image
-from aopsam_jax.modeling import Sam
-from aopsam_jax.prompts import build_sparse_prompts
-from aopsam_jax.transforms import apply_boxes, apply_coords, postprocess_masks, prepare_image
-from aopsam_jax.transforms import preprocess
+from aopsam_jax.sam.image_io import load_image
+from aopsam_jax.sam.modeling import Sam
+from aopsam_jax.sam.prompts import build_sparse_prompts
+from aopsam_jax.sam.transforms import apply_boxes, apply_coords, postprocess_masks, prepare_image
+from aopsam_jax.sam.transforms import preprocess
 
 DEFAULT_PROMPT_BUCKETS = (1, 4, 16, 64)
 OUT_ALIGN = 64
@@ -159,7 +159,7 @@ class SamPredictor:
   @classmethod
   def from_checkpoint(cls, path: str, *, dtype=None, **kwargs) -> "SamPredictor":
     """Load a converted safetensors file (see `conversion.convert_sam`)."""
-    from aopsam_jax.params import load_sam
+    from aopsam_jax.sam.params import load_sam
     return cls(load_sam(path), dtype=dtype, **kwargs)
 
   # --- images ---------------------------------------------------------------

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax import mask_ops, rle as rle_lib
-from aopsam_jax.transforms import postprocess_masks, prepare_image, preprocess
+from aopsam_jax.sam import mask_ops, rle as rle_lib
+from aopsam_jax.sam.transforms import postprocess_masks, prepare_image, preprocess
 
 
 @dataclasses.dataclass(frozen=True)

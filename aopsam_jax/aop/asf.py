@@ -39,7 +39,8 @@ from typing import Callable, Dict, Tuple
 import jax
 import jax.numpy as jnp
 
-from aopsam_jax import mask_ops, peaks
+from aopsam_jax.sam import mask_ops
+from aopsam_jax.aop import peaks
 
 Array = jax.Array
 DecodeFn = Callable[[Array, Array], Tuple[Array, Array]]

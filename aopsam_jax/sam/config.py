@@ -61,10 +61,10 @@ SAM_CONFIGS = {
     "vit_b": SamConfig(768, 12, 12, (2, 5, 8, 11)),
     "vit_l": SamConfig(1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": SamConfig(1280, 32, 16, (7, 15, 23, 31)),
-    # Small variants for tests and CPU experiments.  `vit_t` keeps the 1024
+    # Small variants for tests and CPU experiments.  `vit_tiny_test` keeps the 1024
     # input (so the prompt / mask geometry is the real one) but has a thin,
     # shallow encoder.
-    "vit_t": SamConfig(64, 2, 2, (1,)),
+    "vit_tiny_test": SamConfig(64, 2, 2, (1,)),
 }
 
 

@@ -45,7 +45,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 def sample_image_path() -> str:
   """Path of the bundled sample image (COCO val2017 #343937, CC BY 2.0; see
   `aopsam_jax/assets/ATTRIBUTION.md`)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sample.jpg")
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "sample.jpg")
   if not os.path.exists(path):  # pragma: no cover - broken installation
     raise FileNotFoundError(f"bundled sample image missing: {path}")
   return path

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aopsam_jax.config import SamConfig
+from aopsam_jax.sam.config import SamConfig
 
 Array = jax.Array
 
@@ -257,7 +257,7 @@ class PromptEncoder(nnx.Module):
   3 = box bottom-right (the formulation of the official `SamOnnxModel`).
   The caller is responsible for the official token order: points, then the
   (0, 0)/-1 padding point when there is no box, then box corners
-  (`aopsam_jax.prompts.build_sparse_prompts` does that).
+  (`aopsam_jax.sam.prompts.build_sparse_prompts` does that).
   """
 
   def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None):

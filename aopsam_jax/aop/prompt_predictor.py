@@ -9,7 +9,7 @@ Inputs
 Output
   logits (B, 256, 256): prompt-heatmap logits; heatmap pixel (i, j) covers
   input pixels [4i, 4i+4) x [4j, 4j+4) of the padded 1024 input frame (see
-  `aopsam_jax.peaks` for turning it into points).
+  `aopsam_jax.aop.peaks` for turning it into points).
 
 Architecture (lightweight U-Net, ~0.3M params / ~2.3 GFLOPs per image at
 the default widths): a 3-stage strided conv image branch (256 -> 128 -> 64),
@@ -173,7 +173,7 @@ def save_predictor(path: str, model: PromptPredictor, cfg: Optional[PromptPredic
   from safetensors.numpy import save_file
   cfg = cfg or model.config
   os.makedirs(path, exist_ok=True)
-  from aopsam_jax.params import flat_params
+  from aopsam_jax.sam.params import flat_params
   save_file(flat_params(model), os.path.join(path, "params.safetensors"),
             metadata={"format_version": FORMAT_VERSION})
   with open(os.path.join(path, "config.json"), "w") as f:

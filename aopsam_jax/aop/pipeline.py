@@ -1,6 +1,6 @@
 """AoP-SAM in one program: image -> encoder -> prompt predictor -> ASF -> masks.
 
-    from aopsam_jax import bundle, pipeline
+    from aopsam_jax.aop import bundle, pipeline
     b = bundle.load_bundle(path)                       # SAM + predictor + AsfConfig
     inp = pipeline.prepare(image)                      # host: PIL resize + pad
     out = pipeline.segment_jit(b.model, inp.padded, inp.input_hw, inp.original_hw, b.asf)
@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax import amg, asf, mask_ops
-from aopsam_jax.prompt_predictor import PromptPredictor, downsample_image
-from aopsam_jax.transforms import prepare_image, preprocess
+from aopsam_jax.sam import amg, mask_ops
+from aopsam_jax.aop import asf
+from aopsam_jax.aop.prompt_predictor import PromptPredictor, downsample_image
+from aopsam_jax.sam.transforms import prepare_image, preprocess
 
 AsfConfig = asf.AsfConfig
 
@@ -172,43 +173,3 @@ class AopMaskGenerator:
 
   def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
     return to_records(self.generate_arrays(image), self.output_mode, self.cfg.img_size)
-
-
-# --- `python -m aopsam_jax.segment --mode aop` runner -------------------------
-
-_CLI_CACHE: Dict[Any, Any] = {}
-
-
-def segment_cli_runner(args, model, image: np.ndarray):
-  """Runner for `segment.MODES["aop"]`: (args, model, image) -> (records, overlay extras).
-
-  Uses the AoP bundle `args.bundle` (default: the shipped coco_tiny / vit_t
-  one).  With --checkpoint the given SAM replaces the bundle's (the
-  predictor then sees embeddings it was not trained on: a warning says so);
-  without it the bundle's own SAM is used.  The AMG threshold flags
-  (--pred-iou-thresh, --stability-score-thresh, --stability-score-offset)
-  override the ASF mask filters, so random-init runs use the same
-  permissive values as `--mode amg`."""
-  import warnings
-  from aopsam_jax import bundle as bundle_lib
-  key = (getattr(args, "bundle", None), getattr(args, "checkpoint", None))
-  if key not in _CLI_CACHE:
-    b = bundle_lib.load_bundle(key[0], quiet=True)
-    if b.random_sam and key[1] is None:
-      warnings.warn("AoP bundle SAM has RANDOM weights: masks are meaningless.", stacklevel=2)
-    if key[1] is not None:
-      b = bundle_lib.Bundle(AopSam(model, b.predictor), b.asf, {"weights": key[1]}, b.meta)
-    over = {k: getattr(args, k) for k in ("pred_iou_thresh", "stability_score_thresh",
-                                          "stability_score_offset")
-            if getattr(args, k, None) is not None}
-    import dataclasses
-    _CLI_CACHE.clear()
-    _CLI_CACHE[key] = (split_model(b.model), dataclasses.replace(b.asf, **over))
-  split, cfg = _CLI_CACHE[key]
-  inp = prepare(image, cfg.img_size)
-  out = segment_jit(split, inp.padded, inp.input_hw, inp.original_hw, cfg)
-  records = to_records(out, "binary_mask", cfg.img_size)
-  # --show-points draws every DECODED prompt (not only those whose mask survived):
-  # the prompt locations are what the predictor learned.
-  pts = np.asarray(out["prompt_points"], np.float32)[np.asarray(out["prompt_valid"], bool)]
-  return records, {"points": pts if getattr(args, "show_points", False) else None}

@@ -26,19 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax import transforms
-from aopsam_jax.prompt_predictor import downsample_image
-
-
-def encoder_fingerprint(sam) -> str:
-  h = hashlib.sha256()
-  h.update(sam.config.to_json().encode())
-  from aopsam_jax.params import flat_params
-  # dotted names sort like the key tuples ('.' is below every identifier character)
-  for name, arr in sorted(flat_params(sam.image_encoder).items()):
-    h.update(name.encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-  return h.hexdigest()
+from aopsam_jax.sam import transforms
+from aopsam_jax.sam.params import encoder_fingerprint  # noqa: F401  (re-exported)
+from aopsam_jax.aop.prompt_predictor import downsample_image
 
 
 def make_encode_fn(sam) -> Callable:
