@@ -122,7 +122,8 @@ def machine() -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--model-type", default="vit_tiny_test", help="vit_tiny_test (default, fast) / vit_b / vit_l / vit_h")
+  p.add_argument("--model-type", default="vit_tiny_test",
+                 help="vit_tiny_test (default, fast) / vit_b / vit_l / vit_h")
   p.add_argument("--settings", default="S,D", help="AMG settings to run: S (16x16), D (32x32)")
   p.add_argument("--official", default="S",
                  help="settings also run with the official PyTorch generator ('S,D', 'none'); "

@@ -19,7 +19,6 @@ annotations/lvis_v1_{train,val}.json (same format) and select it in
 `data.train` / `data.val`.
 """
 
-import ml_collections
 
 from configs import coco_tiny
 

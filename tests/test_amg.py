@@ -22,7 +22,6 @@ import pytest
 
 from tests.reference import build_torch_sam, state_dict_numpy
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from pycocotools import mask as coco_mask  # noqa: E402

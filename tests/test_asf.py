@@ -1,6 +1,5 @@
 """ASF on constructed heatmaps with a fake decoder whose masks are known."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

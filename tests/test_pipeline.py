@@ -8,7 +8,6 @@ nothing).  Checks are against independent references: numpy peak finding on
 the returned heatmap and an eager `Sam.decode` of the returned prompts.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from aopsam_jax.aop.peaks import extract_peaks, local_maxima
+from aopsam_jax.aop.peaks import extract_peaks
 from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
                                          downsample_image, forward_flops, load_predictor,
                                          save_predictor)

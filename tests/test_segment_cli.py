@@ -1,7 +1,6 @@
 """`python -m aopsam_jax.segment` end to end (random-init vit_tiny_test, tiny grid)."""
 
 import json
-import os
 import subprocess
 import sys
 

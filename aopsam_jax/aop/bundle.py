@@ -36,8 +36,8 @@ from aopsam_jax.aop.prompt_predictor import PromptPredictor, load_predictor, sav
 
 FORMAT = "aopsam_jax.bundle"
 FORMAT_VERSION = "1"
-DEFAULT_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "bundles",
-                              "coco_tiny_vit_tiny_test_random")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+DEFAULT_BUNDLE = os.path.join(ASSETS, "bundles", "coco_tiny_vit_tiny_test_random")
 
 
 @dataclasses.dataclass

@@ -30,7 +30,6 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 FORMAT_VERSION = "1"

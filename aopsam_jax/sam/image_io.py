@@ -84,7 +84,6 @@ def _check_alpha_args(alpha: str, background) -> None:
 
 
 def _pil_to_rgb(im, alpha: str, background, where: str) -> np.ndarray:
-  from PIL import Image
   mode = im.mode
   if mode == "P":
     im = im.convert("RGBA" if "transparency" in im.info else "RGB")

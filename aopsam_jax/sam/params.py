@@ -237,7 +237,7 @@ def detect_config(sd: Mapping[str, np.ndarray]) -> SamConfig:
   head_dim = int(sd[rel[0]].shape[1])
   grid = int(pos[1])
   global_idx = tuple(i for i in range(depth) if sd[rel[i]].shape[0] == 2 * grid - 1)
-  for name, cfg in SAM_CONFIGS.items():
+  for cfg in SAM_CONFIGS.values():
     if (cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_global_attn_indexes,
         cfg.embed_size) == (dim, depth, global_idx, grid) and \
         dim // cfg.encoder_num_heads == head_dim:

@@ -30,7 +30,6 @@ real row and never mix with real rows (every decoder op is per prompt).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import jax

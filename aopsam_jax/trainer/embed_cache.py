@@ -15,11 +15,10 @@ machine) are safe.  Reads are memory-mapped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
