@@ -1,19 +1,26 @@
 """`python -m aopsam_jax.segment`: segment images, write overlay PNGs and COCO-results JSON.
 
-Modes are small functions registered in `MODES` (name -> runner); a runner
-takes (args, model, image) and returns (records, overlay extras).  Adding a
-mode = writing one runner and one `MODES` entry (plus its options in
-`add_mode_arguments` if any).
+Modes are small functions registered in `MODES` (name -> setup); a setup
+takes the parsed args, loads what the mode needs ONCE and returns a
+`Session` whose `run(image)` gives (records, overlay extras).  Adding a
+mode = writing one setup function and one `MODES` entry.
 
 Without --checkpoint the model has RANDOM-INIT weights (clearly labelled in
-the console, the overlay title and the JSON) so the command runs offline;
-random-init masks are meaningless and need permissive thresholds, which are
-then used as defaults (see `RANDOM_INIT_THRESHOLDS`).
+the console, the overlay title and the JSON) so the command runs offline.
+
+Mask-quality thresholds (`resolve_thresholds`), lowest priority first: the
+bundle's ASF config (aop) or the official AMG defaults (amg); the permissive
+`RANDOM_INIT_THRESHOLDS` when the SAM really has random weights (its
+predicted IoUs sit near -0.1, so nothing passes the official ones); `--asf
+KEY=VALUE`; threshold flags given explicitly.  The console, every JSON
+entry and the overlay title say which values were used and where each came
+from.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -57,26 +64,65 @@ def load_model(checkpoint: Optional[str], model_type: str, seed: int = 0):
     return build_model(cfg, params), os.path.basename(checkpoint)
 
 
+# --- thresholds --------------------------------------------------------------
+
+
+def resolve_thresholds(args, base: Dict[str, float], base_source: str, random_sam: bool,
+                       names: Sequence[str]) -> Dict[str, Tuple[float, str]]:
+  """{name: (value, source)} for the mask-quality thresholds `names`.
+
+  Lowest first: `base` (the bundle's ASF config or the official AMG
+  defaults), the permissive `RANDOM_INIT_THRESHOLDS` when the SAM really
+  has random weights (nothing would survive the official ones), `--asf`
+  entries, then threshold flags given explicitly.
+  """
+  out = {k: (base[k], base_source) for k in names}
+  if random_sam:
+    out.update({k: (RANDOM_INIT_THRESHOLDS[k], "random-init defaults")
+                for k in names if k in RANDOM_INIT_THRESHOLDS})
+  out.update({k: (v, "--asf") for k, v in getattr(args, "asf_overrides", {}).items()
+              if k in names})
+  out.update({k: (getattr(args, k), "flag") for k in names
+              if getattr(args, k, None) is not None})
+  return out
+
+
+def describe_thresholds(thresholds: Dict[str, Tuple[float, str]]) -> str:
+  """'pred_iou_thresh=0.88 (bundle), ...' for the console and the overlay title."""
+  return ", ".join(f"{k}={v:g} ({src})" for k, (v, src) in thresholds.items())
+
+
 # --- modes -------------------------------------------------------------------
 
 
-def _amg_config(args):
-  from aopsam_jax.sam.amg import AmgConfig
-  return AmgConfig(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                   pred_iou_thresh=args.pred_iou_thresh,
-                   stability_score_thresh=args.stability_score_thresh,
-                   stability_score_offset=args.stability_score_offset,
-                   box_nms_thresh=args.box_nms_thresh, crop_n_layers=args.crop_n_layers,
-                   crop_nms_thresh=args.crop_nms_thresh, max_masks=args.max_masks)
+@dataclasses.dataclass
+class Session:
+  """What a mode prepared once for all images."""
+
+  run: Callable[[np.ndarray], Tuple[List[Dict[str, Any]], Dict[str, Any]]]
+  weights: str                 # weights description written into every result
+  random_sam: bool             # the SAM has random weights: masks are meaningless
+  thresholds: Dict[str, Tuple[float, str]]  # {name: (value, source)}; {} = none apply
 
 
-def run_amg(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+def setup_amg(args) -> Session:
   from aopsam_jax.sam import amg
-  cfg = _amg_config(args)
-  out = amg.generate(model, amg.prepare(image, cfg, model.config.img_size), cfg)
-  records = amg.to_records(out, "binary_mask", model.config.img_size)
-  pts = np.array([r["point_coords"][0] for r in records], np.float32).reshape(-1, 2)
-  return records, {"points": pts if args.show_points else None}
+  model, weights = load_model(args.checkpoint, args.model_type, args.seed)
+  random_sam = args.checkpoint is None
+  th = resolve_thresholds(args, OFFICIAL_THRESHOLDS, "official defaults", random_sam,
+                          tuple(OFFICIAL_THRESHOLDS))
+  cfg = amg.AmgConfig(points_per_side=args.points_per_side,
+                      points_per_batch=args.points_per_batch,
+                      crop_n_layers=args.crop_n_layers, crop_nms_thresh=args.crop_nms_thresh,
+                      max_masks=args.max_masks, **{k: v for k, (v, _) in th.items()})
+
+  def run(image: np.ndarray):
+    out = amg.generate(model, amg.prepare(image, cfg, model.config.img_size), cfg)
+    records = amg.to_records(out, "binary_mask", model.config.img_size)
+    pts = np.array([r["point_coords"][0] for r in records], np.float32).reshape(-1, 2)
+    return records, {"points": pts if args.show_points else None}
+
+  return Session(run, weights, random_sam, th)
 
 
 def _parse_floats(text: str, n: int, what: str) -> List[float]:
@@ -89,8 +135,20 @@ def _parse_floats(text: str, n: int, what: str) -> List[float]:
   return vals
 
 
-def run_prompt(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+def _prompt_records(masks, iou, pts, image_shape) -> List[Dict[str, Any]]:
   from aopsam_jax.sam import mask_ops
+  records = []
+  for m, s in zip(masks, iou):
+    b = np.asarray(mask_ops.masks_to_boxes(m[None]))[0]
+    records.append({"segmentation": m, "area": int(m.sum()),
+                    "bbox": [int(v) for v in mask_ops.box_xyxy_to_xywh(b)],
+                    "predicted_iou": float(s),
+                    "point_coords": pts.tolist() if pts is not None else [],
+                    "stability_score": None, "crop_box": [0, 0, image_shape[1], image_shape[0]]})
+  return records
+
+
+def setup_prompt(args) -> Session:
   from aopsam_jax.sam.predictor import SamPredictor
   if not args.point and not args.box:
     raise SystemExit("--mode prompt needs --point X,Y (repeatable) and/or --box X0,Y0,X1,Y1")
@@ -102,59 +160,65 @@ def run_prompt(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Di
     for i in args.negative or []:
       labels[i] = 0
   box = np.array(_parse_floats(args.box, 4, "--box"), np.float32) if args.box else None
+  model, weights = load_model(args.checkpoint, args.model_type, args.seed)
   pred = SamPredictor(model)
-  pred.set_image(image)
   multi = pts is not None and len(pts) == 1 and box is None
-  masks, iou, _ = pred.predict(point_coords=pts, point_labels=labels, box=box,
-                               multimask_output=multi)
-  order = np.argsort(-np.asarray(iou))
-  masks, iou = np.asarray(masks)[order], np.asarray(iou)[order]
-  records = []
-  for m, s in zip(masks, iou):
-    b = np.asarray(mask_ops.masks_to_boxes(m[None]))[0]
-    records.append({"segmentation": m, "area": int(m.sum()),
-                    "bbox": [int(v) for v in mask_ops.box_xyxy_to_xywh(b)],
-                    "predicted_iou": float(s),
-                    "point_coords": pts.tolist() if pts is not None else [],
-                    "stability_score": None, "crop_box": [0, 0, image.shape[1], image.shape[0]]})
-  # overlay: the best mask only
-  return records, {"points": pts, "labels": labels,
-                   "boxes": None if box is None else box[None], "overlay_top": 1}
+
+  def run(image: np.ndarray):
+    pred.set_image(image)
+    masks, iou, _ = pred.predict(point_coords=pts, point_labels=labels, box=box,
+                                 multimask_output=multi)
+    order = np.argsort(-np.asarray(iou))
+    records = _prompt_records(np.asarray(masks)[order], np.asarray(iou)[order], pts, image.shape)
+    # overlay: the best mask only
+    return records, {"points": pts, "labels": labels,
+                     "boxes": None if box is None else box[None], "overlay_top": 1}
+
+  return Session(run, weights, args.checkpoint is None, {})
 
 
-_AOP_CACHE: Dict[Any, Any] = {}
+AOP_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
+                  "nms_thresh")
 
 
-def run_aop(args, model, image: np.ndarray) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+def setup_aop(args) -> Session:
   """AoP-SAM (prompt predictor + ASF, one jitted program) with bundle `args.bundle`
   (default: the shipped one).  With --checkpoint the given SAM replaces the
-  bundle's.  The AMG threshold flags override the ASF mask filters."""
-  import dataclasses
-  import warnings
+  bundle's.  The bundle's ASF config holds unless --asf or a threshold flag
+  changes it."""
+  import dataclasses as dc
   from aopsam_jax.aop import bundle as bundle_lib, pipeline
-  key = (args.bundle, args.checkpoint)
-  if key not in _AOP_CACHE:
-    b = bundle_lib.load_bundle(key[0], quiet=True)
-    if b.random_sam and key[1] is None:
-      warnings.warn("AoP bundle SAM has RANDOM weights: masks are meaningless.", stacklevel=2)
-    if key[1] is not None:
-      b = bundle_lib.Bundle(pipeline.AopSam(model, b.predictor), b.asf, {"weights": key[1]}, b.meta)
-    over = {k: getattr(args, k) for k in ("pred_iou_thresh", "stability_score_thresh",
-                                          "stability_score_offset")
-            if getattr(args, k, None) is not None}
-    _AOP_CACHE.clear()
-    _AOP_CACHE[key] = (pipeline.split_model(b.model), dataclasses.replace(b.asf, **over))
-  split, cfg = _AOP_CACHE[key]
-  inp = pipeline.prepare(image, cfg.img_size)
-  out = pipeline.segment_jit(split, inp.padded, inp.input_hw, inp.original_hw, cfg)
-  records = pipeline.to_records(out, "binary_mask", cfg.img_size)
-  # --show-points draws every DECODED prompt (not only those whose mask survived):
-  # the prompt locations are what the predictor learned.
-  pts = np.asarray(out["prompt_points"], np.float32)[np.asarray(out["prompt_valid"], bool)]
-  return records, {"points": pts if args.show_points else None}
+  sam = None
+  if args.checkpoint is not None:
+    sam, _ = load_model(args.checkpoint, args.model_type, args.seed)
+  b = bundle_lib.load_bundle(args.bundle, sam=sam)
+  random_sam = args.checkpoint is None and b.random_sam
+  if args.checkpoint is not None:
+    weights = os.path.basename(args.checkpoint)
+  elif random_sam:
+    weights = RANDOM_LABEL
+  else:
+    bundle_dir = os.path.normpath(args.bundle or bundle_lib.DEFAULT_BUNDLE)
+    weights = os.path.join(os.path.basename(bundle_dir), b.sam_info["weights"])
+  th = resolve_thresholds(args, dc.asdict(b.asf), "bundle", random_sam, AOP_THRESHOLDS)
+  cfg = bundle_lib.asf_from_dict({**dc.asdict(b.asf), **args.asf_overrides,
+                                  **{k: v for k, (v, _) in th.items()}})
+  split = pipeline.split_model(b.model)
+
+  def run(image: np.ndarray):
+    inp = pipeline.prepare(image, cfg.img_size)
+    out = pipeline.segment_jit(split, inp.padded, inp.input_hw, inp.original_hw, cfg)
+    records = pipeline.to_records(out, "binary_mask", cfg.img_size)
+    # --show-points draws every DECODED prompt (not only those whose mask survived):
+    # the prompt locations are what the predictor learned.
+    pts = np.asarray(out["prompt_points"], np.float32)[np.asarray(out["prompt_valid"], bool)]
+    return records, {"points": pts if args.show_points else None}
+
+  return Session(run, weights, random_sam, th)
 
 
-MODES: Dict[str, Callable] = {"aop": run_aop, "amg": run_amg, "prompt": run_prompt}
+MODES: Dict[str, Callable[[Any], Session]] = {"aop": setup_aop, "amg": setup_amg,
+                                               "prompt": setup_prompt}
 
 
 # --- I/O ---------------------------------------------------------------------
@@ -179,17 +243,13 @@ def image_id_for(path: str, index: int) -> int:
   return int(m.group(1) or 0) if m else index
 
 
-def _load(path: str) -> np.ndarray:
-  try:
-    from aopsam_jax.sam.image_io import load_image
-    return load_image(path)
-  except ImportError:  # pragma: no cover
-    from PIL import Image
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def coco_results(records, image_id: int, weights: str) -> List[Dict[str, Any]]:
+def coco_results(records, image_id: int, weights: str,
+                 thresholds: Optional[Dict[str, Tuple[float, str]]] = None
+                 ) -> List[Dict[str, Any]]:
+  """COCO results entries; each names the weights and the mask-quality
+  thresholds ({name: {"value", "source"}}) that produced it."""
   from aopsam_jax.sam import rle
+  th = {k: {"value": v, "source": src} for k, (v, src) in (thresholds or {}).items()}
   out = []
   for r in records:
     seg = rle.encode(np.asarray(r["segmentation"], bool))
@@ -197,7 +257,7 @@ def coco_results(records, image_id: int, weights: str) -> List[Dict[str, Any]]:
                 "score": r["predicted_iou"], "bbox": r["bbox"], "area": r["area"],
                 "predicted_iou": r["predicted_iou"], "stability_score": r["stability_score"],
                 "point_coords": r["point_coords"], "crop_box": r["crop_box"],
-                "weights": weights})
+                "weights": weights, "thresholds": th})
   return out
 
 
@@ -227,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--bundle", default=None,
                  help="aop mode: AoP-SAM bundle dir (default: the shipped coco_tiny vit_tiny_test one, "
                       "random-init SAM); --checkpoint replaces its SAM")
+  p.add_argument("--asf", action="append", default=[], metavar="FIELD=VALUE",
+                 help="aop mode: change a field of the bundle's ASF config (repeatable), e.g. "
+                      "--asf k_coarse=16 --asf nms_thresh=0.6")
   p.add_argument("--out", default="segment_out", help="output directory")
   p.add_argument("--seed", type=int, default=0, help="seed of the random-init weights")
   g = p.add_argument_group("amg (grid automatic mask generation; AMG_S = 16, AMG_D = 32 points "
@@ -237,14 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
                  help="prompts decoded together (memory vs speed; on a CPU 16 halves the peak "
                       "memory and is faster, BENCHMARKS.md section 2)")
   g.add_argument("--pred-iou-thresh", type=float, default=None,
-                 help="keep masks with predicted IoU > this (official default 0.88; -1.0 with "
-                      "random-init weights)")
+                 help="keep masks with predicted IoU > this (default: the bundle's value in "
+                      "aop mode, official 0.88 in amg mode; -1.0 with random-init weights)")
   g.add_argument("--stability-score-thresh", type=float, default=None,
-                 help="keep masks with stability score >= this (official 0.95; 0.25 random-init)")
+                 help="keep masks with stability score >= this (default: bundle / official 0.95; "
+                      "0.25 random-init)")
   g.add_argument("--stability-score-offset", type=float, default=None,
-                 help="logit offset of the stability score (official 1.0; 0.05 random-init)")
+                 help="logit offset of the stability score (default: bundle / official 1.0; "
+                      "0.05 random-init)")
   g.add_argument("--box-nms-thresh", type=float, default=None,
-                 help="box IoU above which NMS drops the lower-scored mask (official 0.7)")
+                 help="amg mode: box IoU above which NMS drops the lower-scored mask (official "
+                      "0.7)")
   g.add_argument("--crop-n-layers", type=int, default=0,
                  help="also segment 4^i overlapping crops for layers i = 1..N (0 = whole image)")
   g.add_argument("--crop-nms-thresh", type=float, default=0.7,
@@ -263,13 +329,38 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_args(p: argparse.ArgumentParser, args) -> None:
+  """Usage errors found before any model is loaded (exit 2 through `p.error`)."""
+  from aopsam_jax.aop.asf import AsfConfig
+  from aopsam_jax.aop.bundle import parse_overrides
+  try:
+    args.asf_overrides = parse_overrides(args.asf, "--asf")
+  except ValueError as e:
+    p.error(str(e))
+  if args.asf and args.mode != "aop":
+    p.error("--asf changes the AoP-SAM ASF config: it needs --mode aop")
+  fields = {f.name for f in dataclasses.fields(AsfConfig)}
+  unknown = sorted(set(args.asf_overrides) - fields)
+  if unknown:
+    p.error(f"--asf: unknown AsfConfig field(s) {unknown}; known: {sorted(fields)}")
+  both = [k for k in args.asf_overrides if getattr(args, k, None) is not None]
+  if both:
+    p.error(f"{both[0]} given both as --asf and as --{both[0].replace('_', '-')}: give one")
+  if args.mode == "aop" and args.box_nms_thresh is not None:
+    p.error("--box-nms-thresh is for --mode amg; AoP-SAM's mask NMS is --asf nms_thresh=X")
+
+
+def random_init_banner(mode: str, model_type: str) -> str:
+  which = "the AoP bundle's SAM" if mode == "aop" else model_type
+  return ("=" * 72 + "\nWARNING: no --checkpoint given: using RANDOM-INIT weights "
+          f"({which}).\nThe masks are meaningless; this run only exercises the "
+          "pipeline.\n" + "=" * 72)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
-  random_init = args.checkpoint is None
-  defaults = RANDOM_INIT_THRESHOLDS if random_init else OFFICIAL_THRESHOLDS
-  for k, v in defaults.items():
-    if getattr(args, k) is None:
-      setattr(args, k, v)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  check_args(parser, args)
   if args.images:
     paths = collect_images(args.images)
   else:
@@ -278,37 +369,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not paths:
     print("no images found", file=sys.stderr)
     return 1
-  # aop mode without --checkpoint runs the bundle's own SAM: build no second one.
-  bundle_sam = args.mode == "aop" and random_init
-  if random_init:
-    which = "the AoP bundle's SAM" if bundle_sam else args.model_type
-    print("=" * 72 + "\nWARNING: no --checkpoint given: using RANDOM-INIT weights "
-          f"({which}).\nThe masks are meaningless; this run only exercises the "
-          "pipeline.\n" + "=" * 72, file=sys.stderr)
-  if bundle_sam:
-    model, weights = None, RANDOM_LABEL
-  else:
-    model, weights = load_model(args.checkpoint, args.model_type, args.seed)
+  session = MODES[args.mode](args)
+  if session.random_sam:
+    print(random_init_banner(args.mode, args.model_type), file=sys.stderr)
+  if session.thresholds:
+    print(f"thresholds: {describe_thresholds(session.thresholds)}", file=sys.stderr)
   os.makedirs(args.out, exist_ok=True)
-  runner = MODES[args.mode]
   from tqdm import tqdm
+  from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.sam.visualize import save_overlay
   for i, path in enumerate(tqdm(paths, desc=f"segment ({args.mode})", unit="img")):
-    image = _load(path)
+    image = load_image(path)
     t0 = time.perf_counter()
-    records, extra = runner(args, model, image)
+    records, extra = session.run(image)
     secs = time.perf_counter() - t0
     stem = os.path.splitext(os.path.basename(path))[0]
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-      json.dump(coco_results(records, image_id_for(path, i), weights), f)
+      json.dump(coco_results(records, image_id_for(path, i), session.weights,
+                             session.thresholds), f)
     shown = records[:extra.get("overlay_top", len(records))]
-    title = f"{stem}: {len(records)} masks ({args.mode}) -- {weights}"
-    if random_init:
+    title = f"{stem}: {len(records)} masks ({args.mode}) -- {session.weights}"
+    if session.random_sam:
       title = f"[{RANDOM_LABEL.upper()}] " + title
+    if session.thresholds:
+      title += "\n" + describe_thresholds(session.thresholds)
     save_overlay(os.path.join(args.out, stem + "_overlay.png"), image,
                  [r["segmentation"] for r in shown], points=extra.get("points"),
                  labels=extra.get("labels"), boxes=extra.get("boxes"), title=title)
-    tqdm.write(f"{path}: {len(records)} masks in {secs:.1f}s")
+    note = " (every mask was filtered out: see the thresholds above)" if not records else ""
+    tqdm.write(f"{path}: {len(records)} masks in {secs:.1f}s{note}")
   return 0
 
 

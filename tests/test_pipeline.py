@@ -19,6 +19,8 @@ from aopsam_jax.aop import bundle as bundle_lib
 from aopsam_jax.aop import pipeline
 from aopsam_jax.sam.image_io import load_image, sample_image_path
 from aopsam_jax.aop.prompt_predictor import PromptPredictorConfig
+from aopsam_jax.sam.config import get_sam_config
+from aopsam_jax.sam.params import build_model
 
 CFG = pipeline.AsfConfig(k_coarse=6, k_fine=2, peak_kernel=7, pred_iou_thresh=0.0,
                          stability_score_thresh=0.0,
@@ -152,6 +154,10 @@ def test_bundle_roundtrip(tmp_path, setup):
   for a, c in zip(jax.tree.leaves(nnx.state(b.model, nnx.Param)),
                   jax.tree.leaves(nnx.state(b2.model, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+  other = build_model(get_sam_config("vit_tiny_test"), seed=1)
+  with pytest.warns(UserWarning, match="differs"):  # predictor trained on another encoder
+    b3 = bundle_lib.load_bundle(str(path), sam=other)
+  assert b3.sam is other and not b3.random_sam
   with pytest.raises(ValueError, match="reproduce"):
     bundle_lib.save_bundle(str(tmp_path / "b3"), b.sam, b.predictor, CFG,
                            random_init={"model": "vit_tiny_test", "seed": 1})

@@ -65,3 +65,59 @@ def test_segment_help_explains_every_option():
     for opt in action.option_strings:
       assert opt in proc.stdout
     assert action.help, action.dest
+
+
+def test_aop_uses_the_bundle_thresholds_unless_overridden(tmp_path, capsys):
+  """A bundle with saved (not random-init) SAM weights and distinctive ASF
+  thresholds: `segment` uses them as they are (here: nothing can pass
+  predicted IoU > 5, so no masks), a flag overrides one, and `--asf`
+  another; each run's masks match `AopMaskGenerator` on the bundle loaded
+  with the same overrides, and the console and JSON name each source."""
+  from aopsam_jax.aop import bundle as bundle_lib
+  from aopsam_jax.aop.pipeline import AopMaskGenerator, AsfConfig
+  from aopsam_jax.aop.prompt_predictor import PromptPredictorConfig
+  from aopsam_jax.sam.image_io import load_image
+  asf = AsfConfig(k_coarse=4, k_fine=2, peak_kernel=7, abs_threshold=0.0, rel_threshold=0.0,
+                  fine_abs_threshold=0.0, fine_rel_threshold=0.0, max_masks=6,
+                  pred_iou_thresh=5.0, stability_score_thresh=0.125, nms_thresh=0.9)
+  pp = PromptPredictorConfig(img_channels=(8, 16, 32), embed_proj=32, hidden=32,
+                             dec_channels=(16, 8), head_bias=0.0)
+  rb = bundle_lib.random_bundle("vit_tiny_test", seed=0, predictor_cfg=pp)
+  bdir = tmp_path / "bundle"
+  bundle_lib.save_bundle(str(bdir), rb.sam, rb.predictor, asf)
+  img = tmp_path / "a.png"
+  Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), np.uint8)).save(img)
+  image = load_image(str(img))
+
+  def run(*extra):
+    out = tmp_path / f"out{len(extra)}"
+    assert segment.main([str(img), "--bundle", str(bdir), "--out", str(out), *extra]) == 0
+    return json.load(open(out / "a.json")), capsys.readouterr().err
+
+  res, err = run()
+  assert res == []
+  assert "pred_iou_thresh=5 (bundle)" in err and "stability_score_thresh=0.125 (bundle)" in err
+  assert "RANDOM-INIT" not in err  # the bundle's weights are saved, not random-init
+  assert len(AopMaskGenerator(bundle_lib.load_bundle(str(bdir))).generate(image)) == 0
+
+  res, err = run("--pred-iou-thresh", "-1", "--asf", "stability_score_thresh=0")
+  assert "pred_iou_thresh=-1 (flag)" in err and "stability_score_thresh=0 (--asf)" in err
+  assert "stability_score_offset=1 (bundle)" in err
+  ref = AopMaskGenerator(bundle_lib.load_bundle(str(bdir), asf_overrides=dict(
+      pred_iou_thresh=-1.0, stability_score_thresh=0.0))).generate(image)
+  assert len(res) == len(ref) >= 1
+  assert [r["area"] for r in res] == [int(r["segmentation"].sum()) for r in ref]
+  assert res[0]["thresholds"]["pred_iou_thresh"] == {"value": -1.0, "source": "flag"}
+  assert res[0]["thresholds"]["nms_thresh"] == {"value": 0.9, "source": "bundle"}
+
+
+def test_segment_usage_errors_before_loading(tmp_path, capsys):
+  import pytest
+  for argv, what in ((["--asf", "no_such_field=1"], "no_such_field"),
+                     (["--asf", "k_coarse"], "KEY=VALUE"),
+                     (["--mode", "amg", "--asf", "k_coarse=3"], "--mode aop"),
+                     (["--asf", "pred_iou_thresh=0.5", "--pred-iou-thresh", "0.4"], "both"),
+                     (["--box-nms-thresh", "0.5"], "nms_thresh")):
+    with pytest.raises(SystemExit) as e:
+      segment.main([*argv, "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and what in capsys.readouterr().err

@@ -48,6 +48,9 @@ def test_readme_main_job_default_aop_mode(tmp_path):
   res = json.load(open(out / "sample.json"))
   assert 1 <= len(res) <= 32
   assert all(r["weights"] == segment.RANDOM_LABEL for r in res)
+  # the bundle's SAM really is random: the permissive thresholds replace the bundle's
+  assert res[0]["thresholds"]["pred_iou_thresh"] == {
+      "value": segment.RANDOM_INIT_THRESHOLDS["pred_iou_thresh"], "source": "random-init defaults"}
   png = Image.open(out / "sample_overlay.png")
   assert png.size[0] > 100 and png.size[1] > 100
 

@@ -94,8 +94,18 @@ def save_bundle(path: str, sam, predictor: PromptPredictor, asf_cfg: AsfConfig =
 
 
 def load_bundle(path: Optional[str] = None, *, sam_checkpoint: Optional[str] = None,
-                asf_overrides: Optional[Dict[str, Any]] = None, quiet: bool = False) -> Bundle:
-  """Load a bundle directory (default: the shipped coco_tiny / vit_tiny_test one)."""
+                sam=None, asf_overrides: Optional[Dict[str, Any]] = None,
+                quiet: bool = False) -> Bundle:
+  """Load a bundle directory (default: the shipped coco_tiny / vit_tiny_test one).
+
+  `sam_checkpoint` (converted weights) or `sam` (a built SAM model) replaces
+  the bundle's SAM; either way the encoder is checked against the one the
+  prompt predictor was trained with.  `asf_overrides` changes fields of the
+  bundle's ASF config (unknown fields raise ValueError).  `quiet` silences
+  the random-weights and encoder-mismatch warnings.
+  """
+  if sam_checkpoint is not None and sam is not None:
+    raise ValueError("give sam_checkpoint or sam, not both")
   path = path or DEFAULT_BUNDLE
   meta_path = os.path.join(path, "bundle.json")
   if not os.path.exists(meta_path):
@@ -105,7 +115,9 @@ def load_bundle(path: Optional[str] = None, *, sam_checkpoint: Optional[str] = N
   if meta.get("format") != FORMAT:
     raise ValueError(f"{meta_path}: not an {FORMAT} file")
   sam_info = dict(meta["sam"])
-  if sam_checkpoint:
+  if sam is not None:
+    sam_info = {"weights": "(given model)"}
+  elif sam_checkpoint:
     sam = load_sam(sam_checkpoint)
     sam_info = {"weights": os.path.abspath(sam_checkpoint)}
   elif "weights" in sam_info:
