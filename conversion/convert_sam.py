@@ -281,9 +281,7 @@ def convert(checkpoint: str, out: str, model_type: str = "auto", *, verbose: boo
   cfg, flat, layout = convert_checkpoint(checkpoint, model_type)
   n = sum(int(v.size) for v in flat.values())
   name = config_name(cfg)
-  log(f"  {layout} layout, {name} (embed {cfg.encoder_embed_dim}, depth "
-      f"{cfg.encoder_depth}, global {list(cfg.encoder_global_attn_indexes)}, input "
-      f"{cfg.img_size}), {n:,} parameters")
+  log(f"  {layout} layout, {name} ({cfg.encoder_summary()}), {n:,} parameters")
   meta = {"model_type": name, "source_layout": layout,
           "source_file": os.path.basename(os.path.normpath(checkpoint)),
           "converter": f"conversion.convert_sam v{CONVERTER_VERSION}"}

@@ -4,7 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Tuple
+from typing import Optional, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyViTConfig:
+  """MobileSAM's TinyViT image encoder (`tiny_vit_sam.py`, values of `build_sam_vit_t`).
+
+  Stage 0 is MBConv blocks, stages 1.. windowed attention; a patch merging
+  follows every stage but the last.  The patch embedding divides the input by
+  4 and every merging but the last by 2 (the last keeps the resolution), so
+  the embedding grid is img_size / 16 as for the ViT.
+  """
+
+  embed_dims: Tuple[int, ...] = (64, 128, 160, 320)
+  depths: Tuple[int, ...] = (2, 2, 6, 2)
+  num_heads: Tuple[int, ...] = (2, 4, 5, 10)
+  window_sizes: Tuple[int, ...] = (7, 7, 14, 7)
+  mlp_ratio: float = 4.0
+  mbconv_expand_ratio: float = 4.0
+  local_conv_size: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +51,23 @@ class SamConfig:
   iou_head_hidden_dim: int = 256
   iou_head_depth: int = 3
   mask_threshold: float = 0.0
+  # None: the SAM ViT above; else MobileSAM's TinyViT (the encoder_* ViT
+  # fields are then unused).
+  tiny_vit: Optional[TinyViTConfig] = None
+
+  @property
+  def encoder_kind(self) -> str:
+    """'vit' (SAM ViT-B/L/H) or 'tiny_vit' (MobileSAM)."""
+    return "vit" if self.tiny_vit is None else "tiny_vit"
+
+  def encoder_summary(self) -> str:
+    """The encoder's shape in words, for logs and error messages."""
+    t = self.tiny_vit
+    if t is None:
+      return (f"ViT embed {self.encoder_embed_dim}, depth {self.encoder_depth}, global "
+              f"{list(self.encoder_global_attn_indexes)}, input {self.img_size}")
+    return (f"TinyViT dims {list(t.embed_dims)}, depths {list(t.depths)}, heads "
+            f"{list(t.num_heads)}, windows {list(t.window_sizes)}, input {self.img_size}")
 
   @property
   def embed_size(self) -> int:
@@ -44,12 +80,22 @@ class SamConfig:
     return 4 * self.embed_size
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+    d = dataclasses.asdict(self)
+    if d["tiny_vit"] is None:  # ViT configs serialise (and fingerprint) as before
+      del d["tiny_vit"]
+    return json.dumps(d, sort_keys=True)
 
   @classmethod
   def from_json(cls, text: str) -> "SamConfig":
     d = json.loads(text)
     d["encoder_global_attn_indexes"] = tuple(d["encoder_global_attn_indexes"])
+    if d.get("tiny_vit") is not None:
+      t = d["tiny_vit"]
+      unknown = set(t) - {f.name for f in dataclasses.fields(TinyViTConfig)}
+      if unknown:
+        raise ValueError(f"unknown TinyViTConfig fields {sorted(unknown)}")
+      d["tiny_vit"] = TinyViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in t.items()})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -65,6 +111,9 @@ SAM_CONFIGS = {
     # input (so the prompt / mask geometry is the real one) but has a thin,
     # shallow encoder.
     "vit_tiny_test": SamConfig(64, 2, 2, (1,)),
+    # MobileSAM (TinyViT-5M encoder distilled from ViT-H; same prompt encoder
+    # and mask decoder as SAM).
+    "vit_t": SamConfig(tiny_vit=TinyViTConfig()),
 }
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aopsam_jax.sam.config import SamConfig
+from aopsam_jax.sam.tiny_vit import TinyViT
 
 Array = jax.Array
 
@@ -491,7 +492,8 @@ class Sam(nnx.Module):
 
   def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None):
     self.config = cfg
-    self.image_encoder = ImageEncoderViT(cfg, rngs, dtype)
+    encoder = TinyViT if cfg.encoder_kind == "tiny_vit" else ImageEncoderViT
+    self.image_encoder = encoder(cfg, rngs, dtype)
     self.prompt_encoder = PromptEncoder(cfg, rngs, dtype)
     self.mask_decoder = MaskDecoder(cfg, rngs, dtype)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig
+from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig, TinyViTConfig
 from aopsam_jax.sam.modeling import Sam
 
 FORMAT_VERSION = "1"
@@ -50,6 +50,15 @@ def _convtr_t(x: np.ndarray) -> np.ndarray:  # ConvTranspose (I, O, kh, kw) -> (
   return x.transpose(2, 3, 0, 1)
 
 
+def _conv_bn_entries(rx: str, tmpl: str):
+  """A MobileSAM `Conv2d_BN` (`.c` conv, `.bn` BatchNorm) -> one `tiny_vit.ConvBN`."""
+  return [(rx + r"\.c\.weight", tmpl + ".kernel", _conv_t),
+          (rx + r"\.bn\.weight", tmpl + ".scale", _ident),
+          (rx + r"\.bn\.bias", tmpl + ".bias", _ident),
+          (rx + r"\.bn\.running_mean", tmpl + ".mean", _ident),
+          (rx + r"\.bn\.running_var", tmpl + ".var", _ident)]
+
+
 # (official-key regex, Flax-path template, transform).  Order does not matter:
 # every pattern is anchored and they are mutually exclusive.
 _E = r"image_encoder\."
@@ -74,6 +83,19 @@ KEY_TABLE: List[Tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
     (_E + r"neck\.2\.weight", "image_encoder.neck_conv2.kernel", _conv_t),
     (_E + r"neck\.3\.weight", "image_encoder.neck_ln2.scale", _ident),
     (_E + r"neck\.3\.bias", "image_encoder.neck_ln2.bias", _ident),
+] + _conv_bn_entries(_E + r"patch_embed\.seq\.0", "image_encoder.patch_embed.conv1") + \
+    _conv_bn_entries(_E + r"patch_embed\.seq\.2", "image_encoder.patch_embed.conv2") + \
+    _conv_bn_entries(_E + r"(layers\.\d+\.(?:blocks\.\d+|downsample)\.(?:conv[123]|local_conv))",
+                     r"image_encoder.\1") + [
+    # MobileSAM TinyViT attention and MLP (the neck shares the ViT entries)
+    (_E + r"(layers\.\d+\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.fc[12]))\.weight",
+     r"image_encoder.\1.kernel", _linear_t),
+    (_E + r"(layers\.\d+\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.fc[12]))\.bias",
+     r"image_encoder.\1.bias", _ident),
+    (_E + r"(layers\.\d+\.blocks\.\d+\.(?:attn|mlp)\.norm)\.weight", r"image_encoder.\1.scale",
+     _ident),
+    (_E + r"(layers\.\d+\.blocks\.\d+\.(?:attn|mlp)\.norm)\.bias", r"image_encoder.\1.bias", _ident),
+    (_E + r"(layers\.\d+\.blocks\.\d+\.attn\.attention_biases)", r"image_encoder.\1", _ident),
     (_P + r"pe_layer\.positional_encoding_gaussian_matrix", "prompt_encoder.pe_gaussian", _ident),
     # The four (1, 256) point embeddings become rows of one (4, 256) table;
     # "@row" tells `convert_state_dict` which row.
@@ -129,6 +151,11 @@ _COMPILED = [(re.compile(p + r"\Z"), t, f) for p, t, f in KEY_TABLE]
 
 # Keys that may appear in a checkpoint but carry no parameters.
 IGNORED_KEYS = ("pixel_mean", "pixel_std")
+# ... and whole keys of MobileSAM that carry nothing the model uses: BatchNorm
+# step counters, the attention-offset index tables (rebuilt from the window
+# size), and TinyViT's ImageNet classifier head, which MobileSAM never calls.
+IGNORED_KEY_RX = re.compile(r"(.*\.num_batches_tracked|.*\.attention_bias_idxs|"
+                            r"image_encoder\.(?:norm_head|head)\.(?:weight|bias))\Z")
 
 
 def map_key(key: str) -> Optional[Tuple[str, Callable[[np.ndarray], np.ndarray]]]:
@@ -220,8 +247,49 @@ def flat_param_shapes(cfg: SamConfig) -> Dict[str, Tuple[int, ...]]:
           for path, v in nnx.to_flat_state(state)}
 
 
+def _detect_tiny_vit(sd: Mapping[str, np.ndarray]) -> SamConfig:
+  """MobileSAM (vit_t, or a custom TinyViT) from the shapes of its encoder tensors."""
+  depth: Dict[int, int] = {}
+  for k in sd:
+    m = re.match(r"image_encoder\.layers\.(\d+)\.blocks\.(\d+)\.", k)
+    if m:
+      depth[int(m.group(1))] = max(depth.get(int(m.group(1)), 0), int(m.group(2)) + 1)
+  n = len(depth)
+  stage0 = "image_encoder.layers.0.blocks.0.conv1.c.weight"
+  need = [stage0, "image_encoder.layers.0.blocks.0.conv3.c.weight"]
+  for i in range(1, n):
+    b = f"image_encoder.layers.{i}.blocks.0."
+    need += [b + "attn.qkv.weight", b + "attn.attention_biases", b + "mlp.fc1.weight",
+             b + "local_conv.c.weight"]
+  absent = [k for k in need if k not in sd]
+  if n < 2 or sorted(depth) != list(range(n)) or absent:
+    raise CheckpointError("cannot infer the TinyViT size: missing "
+                          + (", ".join(absent[:10]) if absent else "image_encoder.layers.*"))
+  dims = [int(sd[need[1]].shape[0])]
+  # Stage 0 (MBConv) has no heads or window; its entries are unused and keep
+  # the defaults so that the MobileSAM release compares equal to vit_t.
+  heads, windows, mlp = [TinyViTConfig().num_heads[0]], [TinyViTConfig().window_sizes[0]], 4.0
+  for i in range(1, n):
+    b = f"image_encoder.layers.{i}.blocks.0."
+    dims.append(int(sd[b + "attn.qkv.weight"].shape[1]))
+    nh, nb = sd[b + "attn.attention_biases"].shape
+    heads.append(int(nh))
+    windows.append(int(round(np.sqrt(nb))))
+    mlp = sd[b + "mlp.fc1.weight"].shape[0] / dims[-1]
+  local = int(sd["image_encoder.layers.1.blocks.0.local_conv.c.weight"].shape[-1])
+  t = TinyViTConfig(embed_dims=tuple(dims), depths=tuple(depth[i] for i in range(n)),
+                    num_heads=tuple(heads), window_sizes=tuple(windows), mlp_ratio=float(mlp),
+                    mbconv_expand_ratio=sd[stage0].shape[0] / dims[0], local_conv_size=local)
+  for cfg in SAM_CONFIGS.values():
+    if cfg.tiny_vit == t:
+      return cfg
+  return SamConfig(tiny_vit=t)
+
+
 def detect_config(sd: Mapping[str, np.ndarray]) -> SamConfig:
-  """Infer vit_b / vit_l / vit_h (or a custom size) from official-layout shapes."""
+  """Infer vit_b / vit_l / vit_h / vit_t (or a custom size) from official-layout shapes."""
+  if "image_encoder.patch_embed.seq.0.c.weight" in sd:
+    return _detect_tiny_vit(sd)
   try:
     dim = int(sd["image_encoder.patch_embed.proj.weight"].shape[0])
     pos = sd["image_encoder.pos_embed"].shape
@@ -264,7 +332,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
   unexpected, bad_shape = [], []
   misshaped = set()  # present but wrongly shaped: reported as such, not as missing
   for key, value in sd.items():
-    if key.split(".")[-1] in IGNORED_KEYS:
+    if key.split(".")[-1] in IGNORED_KEYS or IGNORED_KEY_RX.match(key):
       continue
     hit = map_key(key)
     if hit is None:
@@ -308,8 +376,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
   if bad_shape:
     problems.append(f"{len(bad_shape)} wrongly shaped: " + "; ".join(bad_shape[:20]))
   if problems:
-    raise CheckpointError("checkpoint does not match SAM config "
-                          f"(embed {cfg.encoder_embed_dim}, depth {cfg.encoder_depth}): "
+    raise CheckpointError(f"checkpoint does not match SAM config ({cfg.encoder_summary()}): "
                           + " | ".join(problems))
   return cfg, out
 

@@ -1,0 +1,268 @@
+"""MobileSAM's TinyViT image encoder in Flax NNX (eval mode).
+
+Structure and attribute names follow MobileSAM's `tiny_vit_sam.py`, so that
+`params.py` maps checkpoint keys one to one (`patch_embed.seq.0` / `.seq.2`
+become `patch_embed.conv1` / `.conv2`; a `Conv2d_BN` becomes one `ConvBN`
+holding the convolution kernel and the BatchNorm's affine parameters and
+running statistics).  Layout is NHWC throughout.
+
+Details that matter for numerical parity (all read from the reference code):
+  * BatchNorm runs in eval mode: running statistics, eps 1e-5.  It is folded
+    into the convolution (kernel * s, bias = b - mean * s) at trace time.
+  * The attention and MLP LayerNorms are PyTorch's default (eps 1e-5) and sit
+    *inside* those modules, so windows are zero-padded *before* the norm: the
+    padding tokens enter attention as keys with value qkv(norm bias), unmasked.
+  * The fused qkv projection is laid out per head: (head, [q | k | v]).
+  * Attention logits are (q k^T) * key_dim^-0.5 plus a learned per-head bias
+    indexed by the absolute offset (|dy|, |dx|) inside the window.
+  * The neck's LayerNorm2d uses eps 1e-6; GELU is the exact erf form.
+  * The last patch merging keeps the resolution (stride 1), the others halve it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aopsam_jax.sam.config import SamConfig, TinyViTConfig
+
+Array = jax.Array
+BN_EPS = 1e-5
+
+
+def gelu(x: Array) -> Array:
+  return jax.nn.gelu(x, approximate=False)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis in float32 (two-pass variance)."""
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+class ConvBN(nnx.Module):
+  """Conv2d (no bias) + BatchNorm2d in eval mode (reference `Conv2d_BN`).
+
+  The BatchNorm affine parameters and running statistics are kept as loaded
+  (`scale`, `bias`, `mean`, `var`) and folded into the kernel per call.
+  """
+
+  def __init__(self, din: int, dout: int, rngs: nnx.Rngs, ks: int = 1, stride: int = 1,
+               groups: int = 1, dtype=None):
+    init = nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (ks, ks, din // groups, dout), jnp.float32))
+    self.scale = nnx.Param(jnp.ones((dout,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
+    self.mean = nnx.Param(jnp.zeros((dout,), jnp.float32))
+    self.var = nnx.Param(jnp.ones((dout,), jnp.float32))
+    self.stride = stride
+    self.groups = groups
+    self.pad = ks // 2
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    s = self.scale[...] * jax.lax.rsqrt(self.var[...] + BN_EPS)
+    k = self.kernel[...] * s
+    b = self.bias[...] - self.mean[...] * s
+    if self.dtype is not None:
+      x, k = x.astype(self.dtype), k.astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x, k, (self.stride, self.stride), [(self.pad, self.pad)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+    return y + b.astype(y.dtype)
+
+
+class PatchEmbed(nnx.Module):
+  """Two stride-2 3x3 ConvBNs with a GELU between: the input / 4."""
+
+  def __init__(self, dim: int, rngs: nnx.Rngs, dtype=None):
+    self.conv1 = ConvBN(3, dim // 2, rngs, ks=3, stride=2, dtype=dtype)
+    self.conv2 = ConvBN(dim // 2, dim, rngs, ks=3, stride=2, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.conv2(gelu(self.conv1(x)))
+
+
+class MBConv(nnx.Module):
+  """Inverted residual: 1x1 expand, 3x3 depthwise, 1x1 project, GELU after the sum."""
+
+  def __init__(self, dim: int, expand_ratio: float, rngs: nnx.Rngs, dtype=None):
+    hidden = int(dim * expand_ratio)
+    self.conv1 = ConvBN(dim, hidden, rngs, dtype=dtype)
+    self.conv2 = ConvBN(hidden, hidden, rngs, ks=3, groups=hidden, dtype=dtype)
+    self.conv3 = ConvBN(hidden, dim, rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    y = gelu(self.conv2(gelu(self.conv1(x))))
+    return gelu(self.conv3(y) + x)
+
+
+class PatchMerging(nnx.Module):
+  """1x1 ConvBN, GELU, strided 3x3 depthwise ConvBN, GELU, 1x1 ConvBN."""
+
+  def __init__(self, dim: int, out_dim: int, stride: int, rngs: nnx.Rngs, dtype=None):
+    self.conv1 = ConvBN(dim, out_dim, rngs, dtype=dtype)
+    self.conv2 = ConvBN(out_dim, out_dim, rngs, ks=3, stride=stride, groups=out_dim, dtype=dtype)
+    self.conv3 = ConvBN(out_dim, out_dim, rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.conv3(gelu(self.conv2(gelu(self.conv1(x)))))
+
+
+@functools.lru_cache(maxsize=None)
+def attention_bias_idxs(window: int) -> np.ndarray:
+  """(N, N) index of each (query, key) pair's offset (|dy|, |dx|), N = window^2.
+
+  Offsets are numbered in order of first appearance, as the reference does.
+  """
+  points = list(itertools.product(range(window), range(window)))
+  offsets, idxs = {}, []
+  for p1 in points:
+    for p2 in points:
+      off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
+      idxs.append(offsets.setdefault(off, len(offsets)))
+  n = len(points)
+  return np.asarray(idxs, np.int32).reshape(n, n)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention over (B, N, C) window tokens with learned offset biases."""
+
+  def __init__(self, dim: int, num_heads: int, window: int, rngs: nnx.Rngs, dtype=None):
+    self.num_heads = num_heads
+    self.key_dim = dim // num_heads
+    self.scale = self.key_dim**-0.5
+    self.norm = LayerNorm(dim, 1e-5)
+    self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.attention_biases = nnx.Param(jnp.zeros((num_heads, window * window), jnp.float32))
+    self.window = window
+
+  def __call__(self, x: Array) -> Array:
+    b, n, c = x.shape
+    nh, kd = self.num_heads, self.key_dim
+    qkv = self.qkv(self.norm(x)).reshape(b, n, nh, 3 * kd)
+    q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]
+    bias = self.attention_biases[...][:, attention_bias_idxs(self.window)]  # (nh, N, N)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.scale + bias
+    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, n, c)
+    return self.proj(out)
+
+
+class Mlp(nnx.Module):
+  """LayerNorm (eps 1e-5), fc1, GELU, fc2."""
+
+  def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=None):
+    self.norm = LayerNorm(dim, 1e-5)
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(gelu(self.fc1(self.norm(x))))
+
+
+def window_attention(attn: Attention, x: Array, window: int) -> Array:
+  """Attention inside non-overlapping windows of (B, H, W, C), zero padding bottom / right."""
+  b, h, w, c = x.shape
+  if h == window and w == window:
+    return attn(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+  ph, pw = -h % window, -w % window
+  x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  nh, nw = (h + ph) // window, (w + pw) // window
+  x = x.reshape(b, nh, window, nw, window, c).transpose(0, 1, 3, 2, 4, 5)
+  x = attn(x.reshape(b * nh * nw, window * window, c))
+  x = x.reshape(b, nh, nw, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h + ph, w + pw, c)[:, :h, :w]
+
+
+class TinyViTBlock(nnx.Module):
+  """Windowed attention, depthwise local ConvBN, MLP (reference `TinyViTBlock`)."""
+
+  def __init__(self, dim: int, num_heads: int, window: int, mlp_ratio: float,
+               local_conv_size: int, rngs: nnx.Rngs, dtype=None):
+    self.window = window
+    self.attn = Attention(dim, num_heads, window, rngs, dtype)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs, dtype)
+    self.local_conv = ConvBN(dim, dim, rngs, ks=local_conv_size, groups=dim, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    x = x + window_attention(self.attn, x, self.window)
+    x = self.local_conv(x)
+    return x + self.mlp(x)
+
+
+class Stage(nnx.Module):
+  """One reference `ConvLayer` / `BasicLayer`: blocks, then an optional patch merging."""
+
+  def __init__(self, blocks: Sequence[nnx.Module], downsample=None):
+    self.blocks = nnx.List(list(blocks))
+    self.downsample = downsample
+
+  def __call__(self, x: Array) -> Array:
+    for blk in self.blocks:
+      x = blk(x)
+    return x if self.downsample is None else self.downsample(x)
+
+
+def _stages(t: TinyViTConfig, rngs: nnx.Rngs, dtype) -> Tuple[Stage, ...]:
+  dims, n = t.embed_dims, len(t.embed_dims)
+  stages = []
+  for i in range(n):
+    if i == 0:
+      blocks = [MBConv(dims[0], t.mbconv_expand_ratio, rngs, dtype) for _ in range(t.depths[0])]
+    else:
+      blocks = [TinyViTBlock(dims[i], t.num_heads[i], t.window_sizes[i], t.mlp_ratio,
+                             t.local_conv_size, rngs, dtype) for _ in range(t.depths[i])]
+    down = None
+    if i < n - 1:
+      stride = 1 if i == n - 2 else 2
+      down = PatchMerging(dims[i], dims[i + 1], stride, rngs, dtype)
+    stages.append(Stage(blocks, down))
+  return tuple(stages)
+
+
+class TinyViT(nnx.Module):
+  """(B, S, S, 3) normalised, padded image -> (B, S/16, S/16, 256) float32.
+
+  The reference's classifier head (`norm_head`, `head`) is never called by
+  MobileSAM and is not built here.
+  """
+
+  def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None):
+    t = cfg.tiny_vit
+    if t is None:
+      raise ValueError("TinyViT needs a SamConfig with tiny_vit set")
+    self.patch_embed = PatchEmbed(t.embed_dims[0], rngs, dtype)
+    self.layers = nnx.List(list(_stages(t, rngs, dtype)))
+    dim, out = t.embed_dims[-1], cfg.prompt_embed_dim
+    self.neck_conv1 = nnx.Conv(dim, out, (1, 1), use_bias=False, dtype=dtype, rngs=rngs)
+    self.neck_ln1 = LayerNorm(out, 1e-6)
+    self.neck_conv2 = nnx.Conv(out, out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                               dtype=dtype, rngs=rngs)
+    self.neck_ln2 = LayerNorm(out, 1e-6)
+
+  def __call__(self, x: Array) -> Array:
+    x = self.patch_embed(x)
+    for layer in self.layers:
+      x = layer(x)
+    x = self.neck_ln1(self.neck_conv1(x))
+    x = self.neck_ln2(self.neck_conv2(x))
+    return x.astype(jnp.float32)
