@@ -126,91 +126,146 @@ def _timed(fn, *args):
   return out, time.perf_counter() - t0
 
 
+class Method:
+  """One method's compiled program: compiled on the first image (that call's
+  time, compilation included, is `first_call_s`), later calls timed."""
+
+  def __init__(self, lower, state, stats: MethodStats):
+    self.lower, self.state, self.stats = lower, state, stats
+    self.compiled = None
+
+  def __call__(self, dev_inputs):
+    import jax
+    s = self.stats
+    if self.compiled is None:
+      t0 = time.perf_counter()
+      self.compiled = self.lower(*dev_inputs).compile()
+      s.memory = memory_of(self.compiled)
+      out, _ = _timed(self.compiled, self.state, *dev_inputs)
+      s.first_call_s = time.perf_counter() - t0
+    else:
+      out, dt = _timed(self.compiled, self.state, *dev_inputs)
+      s.latency.append(dt)
+    return jax.device_get(out)
+
+
+def _device_inputs(inputs) -> list:
+  import jax
+  return [jax.device_put(np.asarray(x)) for x in inputs]
+
+
+def load_split(data_dir: str, split: str, limit: Optional[int]):
+  """(images sorted by id, first `limit`; annotations by image id; image dir)."""
+  from aopsam_jax.data.coco import load_annotations
+  ann = os.path.join(data_dir, "annotations", f"instances_{split}2017.json")
+  images, anns_by = load_annotations(ann)
+  return sorted(images, key=lambda im: im["id"])[:limit], anns_by, \
+      os.path.join(data_dir, f"{split}2017")
+
+
+def build_methods(b, methods, stats: Dict[str, MethodStats]) -> Dict[str, Method]:
+  """{method: Method} over the bundle's AoP-SAM model and its SAM."""
+  from flax import nnx
+
+  from aopsam_jax.aop import pipeline
+  from aopsam_jax.sam import amg
+  cfg = b.asf
+  gd, st = nnx.split(b.model)
+  sam_gd, sam_st = nnx.split(b.sam)
+  out = {}
+  for m in methods:
+    if m == "aop":
+      out[m] = Method(lambda *d: pipeline.lower((gd, st), *d, cfg=cfg), st, stats[m])
+    else:
+      acfg = amg_config(m)
+      out[m] = Method(lambda *d, acfg=acfg: amg._generate_jit.lower(sam_gd, sam_st, *d, cfg=acfg),
+                      sam_st, stats[m])
+  return out
+
+
+def eval_aop_image(run: Method, g, areas, image, cfg) -> None:
+  from aopsam_jax.aop import pipeline
+  from aopsam_jax.sam import amg
+  out = run(_device_inputs(pipeline.prepare(image, cfg.img_size)))
+  run.stats.add_prompts(g.counts(np.asarray(out["prompt_points"]),
+                                 np.asarray(out["prompt_valid"])))
+  run.stats.add_masks(g.gt, areas, amg.masks_at_original(out, cfg.img_size))
+
+
+def eval_amg_image(run: Method, acfg, g, areas, image, img_size: int, with_masks: bool) -> None:
+  """Prompt metrics on every image (the grid needs no decoding); masks and
+  latency only when `with_masks`."""
+  from aopsam_jax.sam import amg
+  from aopsam_jax.trainer.evaluation import grid_points
+  h0, w0 = image.shape[:2]
+  pts = grid_points(acfg.points_per_side, h0, w0)
+  run.stats.add_prompts(g.counts(pts, np.ones(len(pts), bool)))
+  if with_masks:
+    out = run(_device_inputs(amg.prepare(image, acfg, img_size)))
+    run.stats.add_masks(g.gt, areas, amg.masks_at_original(out, img_size))
+
+
+AMG_METHODS = {"amg_s": "AMG_S", "amg_d": "AMG_D"}  # method -> `amg` config constant
+
+
+def amg_config(method: str):
+  from aopsam_jax.sam import amg
+  return getattr(amg, AMG_METHODS[method])
+
+
 def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = None,
              sam_checkpoint: Optional[str] = None, methods=("aop", "amg_s", "amg_d"),
              limit: Optional[int] = None, amg_images: int = 5,
              asf_overrides: Optional[dict] = None, progress: bool = True) -> dict:
-  import jax
-  from flax import nnx
-
-  from aopsam_jax.sam import amg
-  from aopsam_jax.aop import bundle as bundle_lib, pipeline
-  from aopsam_jax.data.coco import load_annotations
+  from aopsam_jax.aop import bundle as bundle_lib
   from aopsam_jax.data.targets import TargetConfig
   from aopsam_jax.sam.image_io import load_image
-  from aopsam_jax.trainer.evaluation import ImageGT, grid_points
+  from aopsam_jax.trainer.evaluation import ImageGT
 
-  ann = os.path.join(data_dir, "annotations", f"instances_{split}2017.json")
-  img_dir = os.path.join(data_dir, f"{split}2017")
-  images, anns_by = load_annotations(ann)
-  images = sorted(images, key=lambda im: im["id"])[:limit]
+  images, anns_by, img_dir = load_split(data_dir, split, limit)
   b = bundle_lib.load_bundle(bundle_path, sam_checkpoint=sam_checkpoint,
                              asf_overrides=asf_overrides)
   cfg = b.asf
-  gd, st = nnx.split(b.model)
-  sam_gd, sam_st = nnx.split(b.sam)
   tcfg = TargetConfig(img_size=cfg.img_size)
-  amg_cfgs = {"amg_s": amg.AMG_S, "amg_d": amg.AMG_D}
   stats = {m: MethodStats() for m in methods}
-  compiled = {}
+  runs = build_methods(b, methods, stats)
   it = images
   if progress:
     from tqdm import tqdm
     it = tqdm(images, desc="evaluate", dynamic_ncols=True)
   for n_img, im in enumerate(it):
     image = load_image(os.path.join(img_dir, im["file_name"]))
-    h0, w0 = image.shape[:2]
-    g = ImageGT(anns_by[im["id"]], h0, w0, tcfg)
+    g = ImageGT(anns_by[im["id"]], image.shape[0], image.shape[1], tcfg)
     areas = g.gt.reshape(len(g.gt), -1).sum(1).astype(float)
     for m in methods:
-      s = stats[m]
       if m == "aop":
-        inp = pipeline.prepare(image, cfg.img_size)
-        dev = [jax.device_put(np.asarray(x)) for x in inp]
-        if "aop" not in compiled:
-          t0 = time.perf_counter()
-          compiled["aop"] = pipeline._segment_jit.lower(gd, st, *dev, cfg=cfg).compile()
-          s.memory = memory_of(compiled["aop"])
-          out, dt = _timed(compiled["aop"], st, *dev)
-          s.first_call_s = time.perf_counter() - t0
-        else:
-          out, dt = _timed(compiled["aop"], st, *dev)
-          s.latency.append(dt)
-        out = jax.device_get(out)
-        s.add_prompts(g.counts(np.asarray(out["prompt_points"]), np.asarray(out["prompt_valid"])))
-        s.add_masks(g.gt, areas, amg.masks_at_original(out, cfg.img_size))
+        eval_aop_image(runs[m], g, areas, image, cfg)
       else:
-        acfg = amg_cfgs[m]
-        pts = grid_points(acfg.points_per_side, h0, w0)
-        s.add_prompts(g.counts(pts, np.ones(len(pts), bool)))
-        if n_img >= amg_images:
-          continue
-        ainp = amg.prepare(image, acfg, cfg.img_size)
-        dev = [jax.device_put(np.asarray(x)) for x in ainp]
-        if m not in compiled:
-          t0 = time.perf_counter()
-          compiled[m] = amg._generate_jit.lower(sam_gd, sam_st, *dev, cfg=acfg).compile()
-          s.memory = memory_of(compiled[m])
-          out, dt = _timed(compiled[m], sam_st, *dev)
-          s.first_call_s = time.perf_counter() - t0
-        else:
-          out, dt = _timed(compiled[m], sam_st, *dev)
-          s.latency.append(dt)
-        out = jax.device_get(out)
-        s.add_masks(g.gt, areas, amg.masks_at_original(out, cfg.img_size))
-  sam_cfg = b.sam.config
-  sam_desc = next((k for k, v in __import__("aopsam_jax.sam.config", fromlist=["x"]).SAM_CONFIGS.items()
-                   if v == sam_cfg), "custom")
+        eval_amg_image(runs[m], amg_config(m), g, areas, image, cfg.img_size,
+                       n_img < amg_images)
+  return summarize(b, stats, methods, data_dir, split, len(images), amg_images, bundle_path)
+
+
+def summarize(b, stats: Dict[str, MethodStats], methods, data_dir: str, split: str,
+              n_images: int, amg_images: int, bundle_path: Optional[str]) -> dict:
+  """The result dict: dataset, SAM, configs, per-method summaries, machine, notes."""
+  import jax
+
+  from aopsam_jax.aop import bundle as bundle_lib
+  from aopsam_jax.sam.config import SAM_CONFIGS
+  cfg = b.asf
+  amg_cfgs = {m: amg_config(m) for m in methods if m in AMG_METHODS}
+  sam_desc = next((k for k, v in SAM_CONFIGS.items() if v == b.sam.config), "custom")
   result = {
-      "dataset": {"dir": os.path.abspath(data_dir), "split": split, "images": len(images),
-                  "amg_mask_images": min(amg_images, len(images))},
+      "dataset": {"dir": os.path.abspath(data_dir), "split": split, "images": n_images,
+                  "amg_mask_images": min(amg_images, n_images)},
       "sam": {"model": sam_desc, "random_weights": b.random_sam, "source": b.sam_info},
       "bundle": os.path.abspath(bundle_path or bundle_lib.DEFAULT_BUNDLE),
       "asf": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-      "amg": {m: {"points_per_side": amg_cfgs[m].points_per_side,
-                  "pred_iou_thresh": amg_cfgs[m].pred_iou_thresh,
-                  "stability_score_thresh": amg_cfgs[m].stability_score_thresh,
-                  "max_masks": amg_cfgs[m].max_masks} for m in methods if m in amg_cfgs},
+      "amg": {m: {"points_per_side": c.points_per_side,
+                  "pred_iou_thresh": c.pred_iou_thresh,
+                  "stability_score_thresh": c.stability_score_thresh,
+                  "max_masks": c.max_masks} for m, c in amg_cfgs.items()},
       "methods": {m: stats[m].summary() for m in methods},
       "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                   "load_avg_1_5_15": [round(v, 1) for v in os.getloadavg()],
@@ -223,18 +278,24 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
         "SAM weights are RANDOM (no official weights can be downloaded here): predicted masks, "
         "mIoU, recall@0.5 and mask counts are meaningless; the prompt metrics (prompt recall, "
         "prompts/image) and latencies are meaningful.")
-  ms = result["methods"]
+  result.update(comparisons(result["methods"]))
+  return result
+
+
+def comparisons(ms: Dict[str, dict]) -> dict:
+  """AoP-SAM against the grids: prompt budget vs AMG_S, speed-up vs AMG_D."""
+  out = {}
   if "aop" in ms and "amg_s" in ms:
-    result["aop_vs_amg_s"] = {
+    out["aop_vs_amg_s"] = {
         "prompt_ratio": ms["aop"]["prompts_per_image"] / ms["amg_s"]["prompts_per_image"],
         "target_prompt_ratio_max": 1 / 8,
         "prompt_recall_delta": ms["aop"]["prompt_recall"] - ms["amg_s"]["prompt_recall"]}
   if "aop" in ms and "amg_d" in ms and "latency_median_s" in ms.get("amg_d", {}) \
       and "latency_median_s" in ms["aop"]:
-    result["aop_vs_amg_d"] = {
+    out["aop_vs_amg_d"] = {
         "speedup": ms["amg_d"]["latency_median_s"] / ms["aop"]["latency_median_s"],
         "target_speedup_min": 5.0}
-  return result
+  return out
 
 
 NAMES = {"aop": "AoP-SAM", "amg_s": "AMG_S (16x16)", "amg_d": "AMG_D (32x32)"}
@@ -325,7 +386,7 @@ def write_outputs(res: dict, out_prefix: str) -> None:
   plot(res, out_prefix + ".png")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", required=True, help="COCO-format dir (annotations/, <split>2017/)")
@@ -339,6 +400,11 @@ def main(argv=None) -> int:
   p.add_argument("--asf", action="append", default=[],
                  help="AsfConfig override, e.g. --asf k_coarse=16 (repeatable)")
   p.add_argument("--out", default="benchmarks/results/eval_coco_tiny")
+  return p
+
+
+def main(argv=None) -> int:
+  p = build_parser()
   a = p.parse_args(argv)
   from aopsam_jax.aop.bundle import parse_overrides
   try:

@@ -140,6 +140,14 @@ def segment_jit(model, padded, input_hw, original_hw,
   return _segment_jit(graphdef, state, padded, input_hw, original_hw, cfg=cfg)
 
 
+def lower(model, padded, input_hw, original_hw, cfg: AsfConfig = AsfConfig()):
+  """`segment_jit` lowered for these inputs; `.compile()` it for ahead-of-time
+  use (compile time and XLA memory analysis apart from running), then call
+  the compiled program with (state, padded, input_hw, original_hw)."""
+  graphdef, state = split_model(model)
+  return _segment_jit.lower(graphdef, state, padded, input_hw, original_hw, cfg=cfg)
+
+
 def compiled_executables() -> int:
   """Number of executables compiled so far by `segment_jit` (all configs)."""
   return _segment_jit._cache_size()
