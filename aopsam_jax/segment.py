@@ -125,14 +125,28 @@ def setup_amg(args) -> Session:
   return Session(run, weights, random_sam, th)
 
 
-def _parse_floats(text: str, n: int, what: str) -> List[float]:
+def _numbers(text: str, n: int, what: str) -> List[float]:
+  """`n` finite comma-separated numbers, or an argparse error naming `what`."""
   try:
     vals = [float(v) for v in text.split(",")]
   except ValueError:
     vals = []
   if len(vals) != n:
     raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+  if not all(np.isfinite(vals)):
+    raise argparse.ArgumentTypeError(f"{what} must be finite numbers, got {text!r}")
   return vals
+
+
+def point_arg(text: str) -> List[float]:
+  return _numbers(text, 2, "X,Y")
+
+
+def box_arg(text: str) -> List[float]:
+  x0, y0, x1, y1 = _numbers(text, 4, "X0,Y0,X1,Y1")
+  if x1 <= x0 or y1 <= y0:
+    raise argparse.ArgumentTypeError(f"the box needs X1 > X0 and Y1 > Y0, got {text!r}")
+  return [x0, y0, x1, y1]
 
 
 def _prompt_records(masks, iou, pts, image_shape) -> List[Dict[str, Any]]:
@@ -150,16 +164,13 @@ def _prompt_records(masks, iou, pts, image_shape) -> List[Dict[str, Any]]:
 
 def setup_prompt(args) -> Session:
   from aopsam_jax.sam.predictor import SamPredictor
-  if not args.point and not args.box:
-    raise SystemExit("--mode prompt needs --point X,Y (repeatable) and/or --box X0,Y0,X1,Y1")
-  pts = np.array([_parse_floats(p, 2, "--point") for p in args.point], np.float32) \
-      if args.point else None
+  pts = np.array(args.point, np.float32) if args.point else None
   labels = None
   if pts is not None:
     labels = np.ones(len(pts), np.int32)
     for i in args.negative or []:
       labels[i] = 0
-  box = np.array(_parse_floats(args.box, 4, "--box"), np.float32) if args.box else None
+  box = np.array(args.box, np.float32) if args.box else None
   model, weights = load_model(args.checkpoint, args.model_type, args.seed)
   pred = SamPredictor(model)
   multi = pts is not None and len(pts) == 1 and box is None
@@ -225,22 +236,95 @@ MODES: Dict[str, Callable[[Any], Session]] = {"aop": setup_aop, "amg": setup_amg
 
 
 def collect_images(paths: Sequence[str]) -> List[str]:
-  out = []
+  """Image files named on the command line, and the images in named directories
+  (not recursive; by extension).  A path given twice is kept once.  A missing
+  path is a usage error; unreadable files are found later, when loaded."""
+  from aopsam_jax.cli import UsageError
+  out, seen = [], set()
   for p in paths:
     if os.path.isdir(p):
-      out.extend(os.path.join(p, f) for f in sorted(os.listdir(p))
-                 if f.lower().endswith(IMAGE_EXTS))
-    elif os.path.exists(p):
-      out.append(p)
+      found = [os.path.join(p, f) for f in sorted(os.listdir(p))
+               if f.lower().endswith(IMAGE_EXTS) and not os.path.isdir(os.path.join(p, f))]
+    elif os.path.lexists(p):
+      found = [p]
     else:
-      raise FileNotFoundError(f"no such image or directory: {p}")
+      raise UsageError(f"no such image or directory: {p}")
+    for f in found:
+      key = os.path.abspath(f)
+      if key not in seen:
+        seen.add(key)
+        out.append(f)
   return out
+
+
+def output_stems(paths: Sequence[str]) -> List[str]:
+  """Output name (without suffix) of each input; distinct for distinct inputs.
+
+  Each name is the input's path relative to the deepest directory holding all
+  inputs, without its extension (`a/photo.jpg`, `b/photo.jpg` -> `a/photo`,
+  `b/photo`; one folder -> bare stems).  Inputs that still share a name
+  differ only by extension and get it appended (`photo.jpg`, `photo.png` ->
+  `photo_jpg`, `photo_png`); any clash left gets `_2`, `_3`, ... in input order.
+  """
+  absolute = [os.path.abspath(p) for p in paths]
+  if not absolute:
+    return []
+  base = os.path.commonpath([os.path.dirname(p) for p in absolute])
+  rel = [os.path.splitext(os.path.relpath(p, base))[0] for p in absolute]
+  counts: Dict[str, int] = {}
+  for r in rel:
+    counts[r] = counts.get(r, 0) + 1
+  named = [f"{r}_{os.path.splitext(p)[1].lstrip('.').lower()}" if counts[r] > 1 else r
+           for r, p in zip(rel, absolute)]
+  taken, out = set(named), []
+  for name in named:
+    final, k = name, 2
+    while final in out:
+      while f"{name}_{k}" in taken:
+        k += 1
+      final = f"{name}_{k}"
+      taken.add(final)
+    out.append(final)
+  return out
+
+
+def output_files(out_dir: str, stem: str) -> Tuple[str, str]:
+  """(results JSON, overlay PNG) of one input."""
+  base = os.path.join(out_dir, *stem.split("/"))
+  return base + ".json", base + "_overlay.png"
 
 
 def image_id_for(path: str, index: int) -> int:
   """COCO-style numeric file names (000000343937.jpg) give their id; else the index."""
   m = re.fullmatch(r"0*(\d+)", os.path.splitext(os.path.basename(path))[0])
   return int(m.group(1) or 0) if m else index
+
+
+def load_input(path: str) -> np.ndarray:
+  """The image at `path`, or a ValueError / OSError whose text names the file
+  and the problem (empty file, not an image, truncated, looping link)."""
+  from aopsam_jax.sam.image_io import load_image
+  if os.path.islink(path) and not os.path.exists(path):
+    try:
+      os.stat(path)
+    except OSError as e:
+      raise ValueError(f"{path}: symbolic link that cannot be followed ({e.strerror})") from None
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise ValueError(f"{path}: empty file (0 bytes)")
+  return load_image(path)
+
+
+def _write_atomic(path: str, write: Callable[[str], Any]) -> None:
+  """`write(tmp)` then rename onto `path`: an interrupted run never leaves a
+  half-written file under a result's name (only `*.partial`)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".partial"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def coco_results(records, image_id: int, weights: str,
@@ -265,12 +349,19 @@ def coco_results(records, image_id: int, weights: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  from aopsam_jax.cli import EXIT_STATUS_HELP, ArgumentParser
+  p = ArgumentParser(
       prog="python -m aopsam_jax.segment",
       description="Segment images with SAM in JAX. For each image writes OUT/<name>_overlay.png "
                   "(coloured masks over the image) and OUT/<name>.json (COCO results format: a "
                   "list of {image_id, category_id, segmentation (compressed RLE), score, bbox "
-                  "XYWH, area, predicted_iou, stability_score, point_coords, crop_box}).",
+                  "XYWH, area, predicted_iou, stability_score, point_coords, crop_box}). Outputs mirror "
+                  "the inputs' paths relative to their common folder (a/photo.jpg, b/photo.jpg -> "
+                  "OUT/a/photo.json, OUT/b/photo.json; photo.jpg + photo.png -> photo_jpg, "
+                  "photo_png). The overlay is drawn at most 2048 pixels on its longest side; the "
+                  "JSON keeps full resolution. An unreadable image is reported in one line and "
+                  "skipped; a summary ends the run.",
+      epilog=EXIT_STATUS_HELP + " Any skipped image makes the status 1.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR",
                  help="image files and/or directories of images; none = the bundled sample image")
@@ -291,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="aop mode: change a field of the bundle's ASF config (repeatable), e.g. "
                       "--asf k_coarse=16 --asf nms_thresh=0.6")
   p.add_argument("--out", default="segment_out", help="output directory")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace results already in --out (without it, existing results of these "
+                      "inputs stop the run before any work)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random-init weights")
   g = p.add_argument_group("amg (grid automatic mask generation; AMG_S = 16, AMG_D = 32 points "
                            "per side)")
@@ -321,12 +415,61 @@ def build_parser() -> argparse.ArgumentParser:
                  help="draw the prompt points on the overlay (amg: each mask's point; aop: every "
                       "decoded prompt)")
   q = p.add_argument_group("prompt (segment from a prompt)")
-  q.add_argument("--point", action="append", metavar="X,Y",
+  q.add_argument("--point", action="append", metavar="X,Y", type=point_arg,
                  help="prompt point in image pixels; repeat for several points")
   q.add_argument("--negative", action="append", type=int, metavar="I",
                  help="mark the I-th --point (0-based) as background; repeatable")
-  q.add_argument("--box", metavar="X0,Y0,X1,Y1", help="prompt box in image pixels (XYXY)")
+  q.add_argument("--box", metavar="X0,Y0,X1,Y1", type=box_arg, help="prompt box in image pixels (XYXY)")
   return p
+
+
+def check_usage(args) -> None:
+  """Argument mistakes argparse cannot see, as `UsageError` (before any model work)."""
+  from aopsam_jax.cli import UsageError
+  prompt_flags = [f for f, v in (("--point", args.point), ("--box", args.box),
+                                 ("--negative", args.negative)) if v]
+  if args.mode != "prompt" and prompt_flags:
+    raise UsageError(f"{prompt_flags[0]} applies only to --mode prompt (this is --mode "
+                     f"{args.mode}); add --mode prompt or drop it")
+  if args.mode == "prompt" and not (args.point or args.box):
+    raise UsageError("--mode prompt needs --point X,Y (repeatable) and/or --box X0,Y0,X1,Y1")
+  n_points = len(args.point or [])
+  for i in args.negative or []:
+    if not 0 <= i < n_points:
+      raise UsageError(f"--negative {i}: there are {n_points} --point(s), so the index must be "
+                       f"in 0..{n_points - 1}" if n_points else
+                       f"--negative {i}: it marks a --point as background, but none is given")
+  for flag, value, low in (("--points-per-side", args.points_per_side, 1),
+                           ("--points-per-batch", args.points_per_batch, 1),
+                           ("--max-masks", args.max_masks, 1),
+                           ("--crop-n-layers", args.crop_n_layers, 0)):
+    if value < low:
+      raise UsageError(f"{flag} must be >= {low}, got {value}")
+  for flag, path in (("--checkpoint", args.checkpoint), ("--bundle", args.bundle)):
+    if path is not None and not os.path.exists(path):
+      raise UsageError(f"{flag} {path}: no such file or directory")
+
+
+def check_out(out: str, stems: Sequence[str], overwrite: bool) -> None:
+  """--out must be a directory we can write, without results of these inputs
+  (unless --overwrite).  Creates it."""
+  import tempfile
+  from aopsam_jax.cli import UsageError
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UsageError(f"--out {out} is an existing file; give a directory (it is created if needed)")
+  if not overwrite and os.path.isdir(out):
+    clash = [f for stem in stems for f in output_files(out, stem) if os.path.exists(f)]
+    if clash:
+      raise UsageError(f"--out {out} already holds results of these inputs ({len(clash)} "
+                       f"file(s), e.g. {clash[0]}); pass --overwrite to replace them or choose "
+                       "another --out")
+  try:
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+      pass
+  except OSError as e:
+    raise UsageError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable "
+                     "directory") from None
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
@@ -358,8 +501,15 @@ def random_init_banner(mode: str, model_type: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  from aopsam_jax.cli import run_main
+  return run_main(_main, argv, "segment")
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+  from aopsam_jax.cli import UsageError, WorkError
   parser = build_parser()
   args = parser.parse_args(argv)
+  check_usage(args)
   check_args(parser, args)
   if args.images:
     paths = collect_images(args.images)
@@ -367,38 +517,83 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from aopsam_jax.sam.image_io import sample_image_path
     paths = [sample_image_path()]
   if not paths:
-    print("no images found", file=sys.stderr)
-    return 1
-  session = MODES[args.mode](args)
+    raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_EXTS)})")
+  stems = output_stems(paths)
+  check_out(args.out, stems, args.overwrite)
+  try:
+    session = MODES[args.mode](args)
+  except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+    source = args.checkpoint or args.bundle or "the shipped bundle"
+    raise WorkError(f"cannot load {source}: {e}") from None
   if session.random_sam:
     print(random_init_banner(args.mode, args.model_type), file=sys.stderr)
   if session.thresholds:
     print(f"thresholds: {describe_thresholds(session.thresholds)}", file=sys.stderr)
-  os.makedirs(args.out, exist_ok=True)
+  written, failed = segment_all(args, session, paths, stems)
+  return report(args.out, written, failed)
+
+
+def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[str]
+                ) -> Tuple[int, List[Tuple[str, str]]]:
+  """Segment every input; a bad file is reported in one line and skipped.
+  Returns (images written, [(path, reason)] of those that failed)."""
   from tqdm import tqdm
-  from aopsam_jax.sam.image_io import load_image
-  from aopsam_jax.sam.visualize import save_overlay
-  for i, path in enumerate(tqdm(paths, desc=f"segment ({args.mode})", unit="img")):
-    image = load_image(path)
+  written, failed = 0, []
+  for i, (path, stem) in enumerate(tqdm(list(zip(paths, stems)), desc=f"segment ({args.mode})",
+                                        unit="img")):
+    try:
+      image = load_input(path)
+    except (OSError, ValueError) as e:
+      reason = str(e) if path in str(e) else f"{path}: {e}"
+      tqdm.write(f"skipped {reason}", file=sys.stderr)
+      failed.append((path, reason))
+      continue
     t0 = time.perf_counter()
     records, extra = session.run(image)
     secs = time.perf_counter() - t0
-    stem = os.path.splitext(os.path.basename(path))[0]
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-      json.dump(coco_results(records, image_id_for(path, i), session.weights,
-                             session.thresholds), f)
-    shown = records[:extra.get("overlay_top", len(records))]
-    title = f"{stem}: {len(records)} masks ({args.mode}) -- {session.weights}"
-    if session.random_sam:
-      title = f"[{RANDOM_LABEL.upper()}] " + title
-    if session.thresholds:
-      title += "\n" + describe_thresholds(session.thresholds)
-    save_overlay(os.path.join(args.out, stem + "_overlay.png"), image,
-                 [r["segmentation"] for r in shown], points=extra.get("points"),
-                 labels=extra.get("labels"), boxes=extra.get("boxes"), title=title)
+    try:
+      write_outputs(args, session, path, i, stem, image, records, extra)
+    except OSError as e:
+      reason = f"{path}: cannot write its results in {args.out} ({e.strerror or e})"
+      tqdm.write(f"failed {reason}", file=sys.stderr)
+      failed.append((path, reason))
+      continue
+    written += 1
     note = " (every mask was filtered out: see the thresholds above)" if not records else ""
     tqdm.write(f"{path}: {len(records)} masks in {secs:.1f}s{note}")
-  return 0
+  return written, failed
+
+
+def write_outputs(args, session: Session, path: str, index: int, stem: str, image: np.ndarray,
+                  records, extra: Dict[str, Any]) -> None:
+  """The image's results JSON and overlay PNG, each written atomically."""
+  from aopsam_jax.sam.visualize import save_overlay
+  json_path, png_path = output_files(args.out, stem)
+  results = coco_results(records, image_id_for(path, index), session.weights,
+                         session.thresholds)
+
+  def dump(tmp):
+    with open(tmp, "w") as f:
+      json.dump(results, f)
+  _write_atomic(json_path, dump)
+  shown = records[:extra.get("overlay_top", len(records))]
+  title = f"{os.path.basename(path)}: {len(records)} masks ({args.mode}) -- {session.weights}"
+  if session.random_sam:
+    title = f"[{RANDOM_LABEL.upper()}] " + title
+  if session.thresholds:
+    title += "\n" + describe_thresholds(session.thresholds)
+  _write_atomic(png_path, lambda tmp: save_overlay(
+      tmp, image, [r["segmentation"] for r in shown], points=extra.get("points"),
+      labels=extra.get("labels"), boxes=extra.get("boxes"), title=title))
+
+
+def report(out: str, written: int, failed: Sequence[Tuple[str, str]]) -> int:
+  """The closing summary; exit status 1 when any input failed."""
+  print(f"segment: {written} image(s) written to {out}, {len(failed)} failed"
+        + (":" if failed else ""), file=sys.stderr if failed else sys.stdout)
+  for _, reason in failed:
+    print(f"  {reason}", file=sys.stderr)
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

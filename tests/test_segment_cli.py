@@ -51,7 +51,7 @@ def test_segment_amg_and_prompt(tmp_path):
   res = _check_results(out2 / "b.json", (90, 60), "random-init weights")
   assert len(res) == 3 and res[0]["point_coords"] == [[30.0, 40.0]]
   rc = segment.main([str(d / "b.jpg"), "--model-type", "vit_tiny_test", "--mode", "prompt",
-                     "--box", "5,5,50,80", "--out", str(out2)])
+                     "--box", "5,5,50,80", "--out", str(out2), "--overwrite"])
   assert rc == 0
   assert len(json.load(open(out2 / "b.json"))) == 1
 
