@@ -474,13 +474,18 @@ def check_out(out: str, stems: Sequence[str], overwrite: bool) -> None:
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
   """Usage errors found before any model is loaded (exit 2 through `p.error`)."""
+  if args.mode == "aop" and args.box_nms_thresh is not None:
+    p.error("--box-nms-thresh is for --mode amg; AoP-SAM's mask NMS is --asf nms_thresh=X")
+  args.asf_overrides = {}
+  if not args.asf:  # the rest needs the aop modules (and so jax): only with --asf
+    return
   from aopsam_jax.aop.asf import AsfConfig
   from aopsam_jax.aop.bundle import parse_overrides
   try:
     args.asf_overrides = parse_overrides(args.asf, "--asf")
   except ValueError as e:
     p.error(str(e))
-  if args.asf and args.mode != "aop":
+  if args.mode != "aop":
     p.error("--asf changes the AoP-SAM ASF config: it needs --mode aop")
   fields = {f.name for f in dataclasses.fields(AsfConfig)}
   unknown = sorted(set(args.asf_overrides) - fields)
@@ -489,8 +494,6 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
   both = [k for k in args.asf_overrides if getattr(args, k, None) is not None]
   if both:
     p.error(f"{both[0]} given both as --asf and as --{both[0].replace('_', '-')}: give one")
-  if args.mode == "aop" and args.box_nms_thresh is not None:
-    p.error("--box-nms-thresh is for --mode amg; AoP-SAM's mask NMS is --asf nms_thresh=X")
 
 
 def random_init_banner(mode: str, model_type: str) -> str:
