@@ -98,20 +98,39 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Array) -> Array:
   return rel_pos[rel.astype(jnp.int32)]
 
 
+ATTENTION_IMPLS = ("chunked", "xla", "cudnn")
+
+
+def rel_pos_terms(q: Array, rh: Array, rw: Array) -> Tuple[Array, Array]:
+  """Decomposed relative-position terms of (Z, H, W, hd) queries: (Z, H, W, H), (Z, H, W, W).
+
+  q·R_h[y_q, y_k] and q·R_w[x_q, x_k]; the logit of (query, key) gets
+  rel_h[..., y_k] + rel_w[..., x_k].  Uses the unscaled q (official code)."""
+  rel_h = jnp.einsum("zyxd,ykd->zyxk", q, rh)
+  rel_w = jnp.einsum("zyxd,xkd->zyxk", q, rw)
+  return rel_h, rel_w
+
+
 class EncoderAttention(nnx.Module):
   """Multi-head attention with decomposed relative positions (MViTv2).
 
-  Computed head-major: q/k/v as (B*nh, N, hd).  The decomposed relative
-  position term q·R_h[y_q, y_k] + q·R_w[x_q, x_k] is two small einsums on q
-  ((B*nh, N, H) and (B*nh, N, W)) broadcast-added to the logits.  For global
-  attention (N = 4096 at 1024 input) the logits would be 12 x 4096 x 4096
-  floats (800 MB); instead queries are processed in chunks of `query_chunk`
-  rows inside a `lax.map`, so each chunk's logits, softmax and
-  probabilities stay cache resident (exact: softmax is per query row).
+  `impl` picks how the attention itself is computed (same function, same
+  parameters; parity-tested):
+    * "chunked" (default): head-major q/k/v (B*nh, N, hd); the two small
+      rel-pos einsums ((B*nh, N, H) and (B*nh, N, W)) are broadcast-added to
+      the logits.  For global attention (N = 4096 at 1024 input) the logits
+      would be 12 x 4096 x 4096 floats (800 MB); instead queries are processed
+      in chunks of `query_chunk` rows inside a `lax.map`, so each chunk's
+      logits, softmax and probabilities stay cache resident (exact: softmax
+      is per query row).  Best on CPU.
+    * "xla" / "cudnn": `jax.nn.dot_product_attention` with the rel-pos term
+      materialised as an additive (B, nh, N, N) bias, so XLA (or cuDNN's fused
+      flash attention, bfloat16/float16 only) sees one attention op.  Meant
+      for accelerators.
   """
 
   def __init__(self, dim: int, num_heads: int, input_size: Tuple[int, int], rngs: nnx.Rngs,
-               dtype=None, query_chunk: int = 64):
+               dtype=None, query_chunk: int = 64, impl: str = "chunked"):
     self.num_heads = num_heads
     head_dim = dim // num_heads
     self.scale = head_dim**-0.5
@@ -120,8 +139,32 @@ class EncoderAttention(nnx.Module):
     self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim), jnp.float32))
     self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim), jnp.float32))
     self.query_chunk = query_chunk
+    self.impl = check_attention_impl(impl)
 
   def __call__(self, x: Array) -> Array:
+    if self.impl == "chunked":
+      return self._chunked(x)
+    return self._fused(x)
+
+  def _fused(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    nh = self.num_heads
+    hd = c // nh
+    qkv = self.qkv(x).reshape(b, h * w, 3, nh, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, nh, hd)
+    rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)
+    rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)
+    q4 = q.reshape(b, h, w, nh, hd).transpose(0, 3, 1, 2, 4).reshape(b * nh, h, w, hd)
+    rel_h, rel_w = rel_pos_terms(q4, rh, rw)
+    bias = (rel_h.astype(jnp.float32)[..., :, None] + rel_w.astype(jnp.float32)[..., None, :])
+    bias = bias.reshape(b, nh, h * w, h * w)
+    if self.impl == "cudnn":
+      bias = bias.astype(q.dtype)  # cuDNN takes the bias in the operands' dtype
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale,
+                                       implementation=self.impl)
+    return self.proj(out.reshape(b, h, w, c))
+
+  def _chunked(self, x: Array) -> Array:
     b, h, w, c = x.shape
     nh = self.num_heads
     hd = c // nh
@@ -131,10 +174,8 @@ class EncoderAttention(nnx.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B*nh, N, hd)
     rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)  # (H, H, hd)
     rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)  # (W, W, hd)
-    q4 = q.reshape(b * nh, h, w, hd)
-    # The relative-position term uses the unscaled q (official code).
-    rel_h = jnp.einsum("zyxd,ykd->zyxk", q4, rh).reshape(b * nh, n, h)
-    rel_w = jnp.einsum("zyxd,xkd->zyxk", q4, rw).reshape(b * nh, n, w)
+    rel_h, rel_w = rel_pos_terms(q.reshape(b * nh, h, w, hd), rh, rw)
+    rel_h, rel_w = rel_h.reshape(b * nh, n, h), rel_w.reshape(b * nh, n, w)
     q = q * jnp.asarray(self.scale, q.dtype)
 
     def attend(args):
@@ -155,6 +196,31 @@ class EncoderAttention(nnx.Module):
       out = attend((q, rel_h, rel_w))
     out = out.reshape(b, nh, n, hd).transpose(0, 2, 1, 3).reshape(b, h, w, c)
     return self.proj(out)
+
+
+def check_attention_impl(impl: str) -> str:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention implementation {impl!r}; expected one of "
+                     f"{list(ATTENTION_IMPLS)}")
+  return impl
+
+
+def set_attention(model: nnx.Module, impl: str) -> nnx.Module:
+  """Switch every encoder attention of `model` (a Sam, or anything holding one)
+  to `impl` in place; parameters are untouched.  Returns `model`."""
+  check_attention_impl(impl)
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, EncoderAttention):
+      m.impl = impl
+  return model
+
+
+def attention_impl(model: nnx.Module) -> str:
+  """The encoder attention implementation of `model` ("chunked" if it has none)."""
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, EncoderAttention):
+      return m.impl
+  return "chunked"
 
 
 def window_partition(x: Array, window: int) -> Tuple[Array, Tuple[int, int]]:
@@ -488,14 +554,17 @@ class Sam(nnx.Module):
 
   `dtype` is the compute dtype of matmuls and convolutions (None = float32);
   parameters stay float32, LayerNorm and softmax run in float32.
+  `attention` is the encoder attention implementation (`ATTENTION_IMPLS`,
+  see `EncoderAttention`; `set_attention` switches an existing model).
   """
 
-  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None, attention: str = "chunked"):
     self.config = cfg
     encoder = TinyViT if cfg.encoder_kind == "tiny_vit" else ImageEncoderViT
     self.image_encoder = encoder(cfg, rngs, dtype)
     self.prompt_encoder = PromptEncoder(cfg, rngs, dtype)
     self.mask_decoder = MaskDecoder(cfg, rngs, dtype)
+    set_attention(self.image_encoder, attention)
 
   def encode_image(self, pixels: Array) -> Array:
     return self.image_encoder(pixels)

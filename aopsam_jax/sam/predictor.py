@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from aopsam_jax.sam.image_io import load_image
-from aopsam_jax.sam.modeling import Sam
+from aopsam_jax.sam.modeling import Sam, attention_impl
 from aopsam_jax.sam.prompts import build_sparse_prompts
 from aopsam_jax.sam.transforms import apply_boxes, apply_coords, postprocess_masks, prepare_image
 from aopsam_jax.sam.transforms import preprocess
@@ -116,7 +116,8 @@ def split_sam(model: Sam, dtype=None):
     graphdef, _ = nnx.split(model)
   else:
     cfg = model.config
-    abstract = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    attention = attention_impl(model)
+    abstract = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0), dtype=dtype, attention=attention))
     graphdef, _ = nnx.split(abstract)
   return graphdef, state
 
