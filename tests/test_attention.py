@@ -8,7 +8,6 @@ windows) and a global block larger than the query chunk.
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import numpy as np
 import pytest

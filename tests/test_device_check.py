@@ -11,9 +11,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_device_check_smoke(tmp_path):
   out = tmp_path / "device_smoke.md"
   env = dict(os.environ, PYTHON=sys.executable, AOPSAM_SITE=str(tmp_path / "site"),
