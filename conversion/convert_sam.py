@@ -12,7 +12,10 @@ Accepted inputs:
 runs code from the file; a pickle that references anything beyond tensors and
 plain containers is refused.  Every failure (missing file, truncated or
 corrupt file, not a checkpoint, wrong model type) ends in one `CheckpointError`
-whose message names the file; the CLI prints it and exits with status 1.
+whose message names the file; the CLI prints it and exits with status 1.  Path
+mistakes on the command line (missing input, `--out` equal to the input, a
+directory, or in a missing folder) exit with status 2 before anything is read.
+Keys carrying a training wrapper's prefix (`module.`, `model.`) are stripped.
 
 The output is a safetensors file named by Flax parameter path whose metadata
 holds the `SamConfig`; `aopsam_jax.sam.params.load_sam(path)` loads it without torch.
@@ -219,6 +222,9 @@ def read_checkpoint(path: str) -> Dict[str, np.ndarray]:
     raise CheckpointError(f"{path}: directory holds none of {', '.join(_DIR_CANDIDATES)}")
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file")
+  if path.endswith(P.PARTIAL_SUFFIX):
+    raise CheckpointError(f"{path}: an unfinished file left by an interrupted conversion, not a "
+                          "checkpoint; delete it and convert again")
   kind = _sniff(path)
   if kind == "safetensors":
     return _read_safetensors(path)
@@ -228,6 +234,39 @@ def read_checkpoint(path: str) -> Dict[str, np.ndarray]:
 
 
 # --- conversion ---------------------------------------------------------------
+
+
+# First key components of SAM state dicts: official, and Hugging Face SamModel.
+_SAM_ROOTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.", "vision_encoder.",
+              "shared_image_embedding.")
+
+
+def common_prefix(keys) -> str:
+  """The leading dotted components every key shares ('module.', 'model.net.', or '')."""
+  keys = list(keys)
+  prefix = ""
+  while keys and all("." in k for k in keys):
+    first = keys[0].split(".", 1)[0] + "."
+    if not all(k.startswith(first) for k in keys):
+      break
+    prefix += first
+    keys = [k[len(first):] for k in keys]
+  return prefix
+
+
+def strip_wrapper_prefix(sd: Mapping[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], str]:
+  """(state dict, stripped prefix): a training wrapper's prefix on every key
+  (`module.` from DataParallel / DistributedDataParallel, `model.` from
+  Lightning) is removed when what it leaves is a SAM state dict."""
+  if any(k.startswith(_SAM_ROOTS) for k in sd):
+    return dict(sd), ""
+  full = common_prefix(sd)
+  parts = full.split(".")[:-1]
+  for n in range(1, len(parts) + 1):  # shortest prefix that reveals SAM keys
+    prefix = ".".join(parts[:n]) + "."
+    if any(k[len(prefix):].startswith(_SAM_ROOTS) for k in sd):
+      return {k[len(prefix):]: v for k, v in sd.items()}, prefix
+  return dict(sd), ""
 
 
 def _sha256(path: str) -> str:
@@ -245,10 +284,17 @@ def config_name(cfg: SamConfig) -> str:
   return "custom"
 
 
-def convert_checkpoint(checkpoint: str, model_type: str = "auto"
+def convert_checkpoint(checkpoint: str, model_type: str = "auto", notes: Optional[list] = None
                        ) -> Tuple[SamConfig, Dict[str, np.ndarray], str]:
-  """Read and convert; returns (config, flat Flax params, source layout 'official'|'hf')."""
-  sd = read_checkpoint(checkpoint)
+  """Read and convert; returns (config, flat Flax params, source layout 'official'|'hf').
+
+  A wrapper prefix on every key (`module.`, `model.`) is stripped; `notes`
+  (a list) receives a line saying so.
+  """
+  sd, prefix = strip_wrapper_prefix(read_checkpoint(checkpoint))
+  if prefix and notes is not None:
+    notes.append(f"stripped the key prefix {prefix!r} (a DataParallel / Lightning training "
+                 "wrapper) from every key")
   layout = "hf" if P.is_hf_layout(sd) else "official"
   cfg: Optional[SamConfig] = None
   if model_type != "auto":
@@ -268,8 +314,12 @@ def convert_checkpoint(checkpoint: str, model_type: str = "auto"
           hint = (f" the tensor shapes look like {found} (use --model-type {found} or auto);")
       except CheckpointError:
         pass
+    shared = common_prefix(sd)
+    if shared and not prefix:
+      hint += (f" every key starts with {shared!r}, and no SAM module name follows it (is this "
+               "a SAM state dict?);")
     raise CheckpointError(f"{checkpoint}: --model-type {model_type}:{hint} {e}"
-                          if cfg is not None else f"{checkpoint}: {e}") from None
+                          if cfg is not None else f"{checkpoint}:{hint} {e}") from None
 
 
 def convert(checkpoint: str, out: str, model_type: str = "auto", *, verbose: bool = True,
@@ -277,8 +327,16 @@ def convert(checkpoint: str, out: str, model_type: str = "auto", *, verbose: boo
   """Convert `checkpoint` and write `out`; returns the config."""
   t0 = time.time()
   log = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
+  out_dir = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(out_dir):
+    raise CheckpointError(f"{out}: output directory {out_dir} does not exist")
+  for stale in P.remove_stale_partials(out_dir):
+    log(f"removed {stale} (left by an interrupted conversion)")
   log(f"reading {checkpoint}")
-  cfg, flat, layout = convert_checkpoint(checkpoint, model_type)
+  notes: list = []
+  cfg, flat, layout = convert_checkpoint(checkpoint, model_type, notes)
+  for note in notes:
+    log(f"  {note}")
   n = sum(int(v.size) for v in flat.values())
   name = config_name(cfg)
   log(f"  {layout} layout, {name} ({cfg.encoder_summary()}), {n:,} parameters")
@@ -287,9 +345,6 @@ def convert(checkpoint: str, out: str, model_type: str = "auto", *, verbose: boo
           "converter": f"conversion.convert_sam v{CONVERTER_VERSION}"}
   if hash_source and os.path.isfile(checkpoint):
     meta["source_sha256"] = _sha256(checkpoint)
-  out_dir = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(out_dir):
-    raise CheckpointError(f"{out}: output directory {out_dir} does not exist")
   P.save_converted(out, cfg, flat, extra_metadata=meta)
   # Read back: the file must be complete and self-describing.
   cfg2, back, _ = P.read_converted(out)
@@ -300,7 +355,8 @@ def convert(checkpoint: str, out: str, model_type: str = "auto", *, verbose: boo
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(
+  from aopsam_jax.cli import EXIT_STATUS_HELP, ArgumentParser
+  ap = ArgumentParser(
       prog="python -m conversion.convert_sam",
       description="Convert a Segment Anything (SAM v1) checkpoint to aopsam_jax safetensors "
       "(Flax parameter names, SamConfig in the metadata; load with "
@@ -309,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
       "pytorch_model.bin, a sharded *.index.json, or the model directory).",
       epilog="Example: python -m conversion.convert_sam --checkpoint sam_vit_b_01ec64.pth "
       "--out sam_vit_b.safetensors. .pth/.bin files are read with torch.load(weights_only=True) "
-      "and never execute code; reading them needs torch. Exit status 1 on any error.")
+      "and never execute code; reading them needs torch. The output is written under a "
+      "temporary <out>.<pid>.partial name and renamed when complete; a leftover from a killed "
+      "run is refused by the loader and removed by the next conversion into that directory. "
+      "A state dict whose keys all carry a training wrapper's prefix (DataParallel 'module.', "
+      "Lightning 'model.') is accepted; the prefix is stripped and reported. " + EXIT_STATUS_HELP)
   ap.add_argument("--checkpoint", "-c", required=True,
                   help="input: official .pth, HF .safetensors / .bin / .index.json, or HF model dir")
   ap.add_argument("--out", "-o", required=True, help="output .safetensors path")
@@ -322,8 +382,32 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
+def check_paths(args) -> Optional[str]:
+  """A path mistake on the command line (exit status 2), or None."""
+  src, out = args.checkpoint, args.out
+  if not os.path.exists(src):
+    return f"--checkpoint {src}: no such file or directory"
+  if os.path.isdir(out):
+    return f"--out {out} is a directory; give the path of the .safetensors file to write"
+  if os.path.abspath(src) == os.path.abspath(out) or (
+      os.path.exists(out) and os.path.samefile(src, out)):
+    return (f"--out {out} is the --checkpoint itself; converting would replace the source "
+            "weights: choose another --out")
+  if os.path.isdir(src) and os.path.abspath(out).startswith(os.path.abspath(src) + os.sep) \
+      and os.path.basename(out) in _DIR_CANDIDATES:
+    return f"--out {out} would replace one of the checkpoint's own files; choose another --out"
+  out_dir = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(out_dir):
+    return f"--out {out}: output directory {out_dir} does not exist; create it first"
+  return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
+  problem = check_paths(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   try:
     convert(args.checkpoint, args.out, args.model_type, verbose=not args.quiet,
             hash_source=not args.no_hash)
@@ -331,6 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     msg = str(e) if isinstance(e, CheckpointError) else f"{e.filename or ''}: {e.strerror or e}"
     print(f"error: {msg}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"error: interrupted; {args.out} was not written", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -136,7 +136,7 @@ def test_explicit_model_type_and_formats(tiny, tmp_path):
   for k in ref:
     assert flat[k].dtype == np.float32
     np.testing.assert_allclose(flat[k], ref[k], rtol=1e-3, atol=1e-3)
-  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+  assert not [p for p in os.listdir(tmp_path) if p.endswith((".tmp", ".partial"))]
 
 
 def test_wrong_model_type_names_keys(tiny, tmp_path, capsys):
@@ -225,10 +225,10 @@ def test_not_a_sam_state_dict(tmp_path):
 # --- unreadable and hostile files: one clear message naming the file, rc 1 -----
 
 
-def _expect_cli_error(path, tmp_path, capsys, *needles):
+def _expect_cli_error(path, tmp_path, capsys, *needles, status=1):
   out = tmp_path / "never.safetensors"
   rc, _, err = run_cli(["--checkpoint", path, "--out", out], capsys)
-  assert rc == 1
+  assert rc == status
   assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
   assert str(path) in err
   for n in needles:
@@ -272,7 +272,7 @@ def test_empty_and_missing_files(tmp_path, capsys):
   p = tmp_path / "empty.pth"
   p.write_bytes(b"")
   _expect_cli_error(p, tmp_path, capsys, "empty")
-  _expect_cli_error(tmp_path / "nope.pth", tmp_path, capsys, "no such file")
+  _expect_cli_error(tmp_path / "nope.pth", tmp_path, capsys, "no such file", status=2)
 
 
 def test_zip_that_is_not_torch(tmp_path, capsys):
@@ -337,7 +337,7 @@ def test_malicious_pickle_is_not_executed(gadget, container, tmp_path, capsys):
 
 def test_output_directory_missing(tiny, tmp_path, capsys):
   rc, _, err = run_cli(["-c", tiny[2], "-o", tmp_path / "no" / "dir" / "x.safetensors"], capsys)
-  assert rc == 1 and "does not exist" in err
+  assert rc == 2 and "does not exist" in err
 
 
 def test_cli_subprocess(tiny, tmp_path):

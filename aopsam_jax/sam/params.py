@@ -384,19 +384,81 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: Optional[SamConfig] = 
 # --- converted file I/O (no torch) -------------------------------------------
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str) -> str:
+  """Where `path` is written before it is complete: `<path>.<pid>.partial`
+  beside it (same filesystem, so the final rename is atomic)."""
+  return f"{path}.{os.getpid()}{PARTIAL_SUFFIX}"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # exists, owned by someone else
+    return True
+  return True
+
+
+def remove_stale_partials(directory: str) -> List[str]:
+  """Delete `*.<pid>.partial` files in `directory` whose writer is gone (a
+  killed run's leftovers); returns their paths.  Files of live writers stay."""
+  removed = []
+  try:
+    names = os.listdir(directory or ".")
+  except OSError:
+    return removed
+  for name in names:
+    m = re.fullmatch(r".+\.(\d+)" + re.escape(PARTIAL_SUFFIX), name)
+    if m and not _pid_alive(int(m.group(1))):
+      path = os.path.join(directory, name)
+      try:
+        os.remove(path)
+        removed.append(path)
+      except OSError:
+        pass
+  return removed
+
+
+def _default_file_mode() -> int:
+  """0o666 minus the umask: the mode `open()` would give a new file."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 def save_converted(path: str, cfg: SamConfig, params: Mapping[str, np.ndarray],
                    extra_metadata: Optional[Mapping[str, str]] = None) -> None:
+  """Write a converted safetensors file atomically.
+
+  The data goes to `partial_path(path)` first, renamed onto `path` only when
+  complete; on any error the partial file is removed, and one left by a
+  killed process is refused by `read_converted` (and removed by
+  `remove_stale_partials`).  The file gets the umask's normal mode
+  (safetensors itself creates 0600 files).
+  """
   from safetensors.numpy import save_file
   meta = {"format": "aopsam_jax.sam", "format_version": FORMAT_VERSION,
           "sam_config": cfg.to_json()}
   meta.update(extra_metadata or {})
-  tmp = path + ".tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, tmp, metadata=meta)
-  os.replace(tmp, path)  # never leave a half-written file under the final name
+  tmp = partial_path(path)
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, tmp, metadata=meta)
+    os.chmod(tmp, _default_file_mode())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def read_converted(path: str) -> Tuple[SamConfig, Dict[str, np.ndarray], Dict[str, str]]:
   from safetensors import safe_open
+  if os.fspath(path).endswith(PARTIAL_SUFFIX):
+    raise CheckpointError(f"{path} is an unfinished file left by an interrupted conversion or "
+                          "save, not weights; delete it and convert again")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such weights file: {path}")
   try:
