@@ -155,12 +155,29 @@ def _device_inputs(inputs) -> list:
 
 
 def load_split(data_dir: str, split: str, limit: Optional[int]):
-  """(images sorted by id, first `limit`; annotations by image id; image dir)."""
+  """(images sorted by id, first `limit`; annotations by image id; image dir).
+
+  A missing annotation file or an empty selection raises `UsageError`
+  (before any model work: nothing to evaluate is a mistake, not a result).
+  """
+  from aopsam_jax.cli import UsageError
   from aopsam_jax.data.coco import load_annotations
   ann = os.path.join(data_dir, "annotations", f"instances_{split}2017.json")
-  images, anns_by = load_annotations(ann)
-  return sorted(images, key=lambda im: im["id"])[:limit], anns_by, \
-      os.path.join(data_dir, f"{split}2017")
+  if not os.path.isdir(data_dir):
+    raise UsageError(f"--data {data_dir}: no such directory")
+  if not os.path.isfile(ann):
+    raise UsageError(f"--split {split}: {ann} does not exist (--data needs "
+                     "annotations/instances_<split>2017.json and <split>2017/)")
+  try:
+    images, anns_by = load_annotations(ann)
+  except ValueError as e:  # a malformed annotation file
+    from aopsam_jax.cli import WorkError
+    raise WorkError(str(e)) from None
+  images = sorted(images, key=lambda im: im["id"])[:limit]
+  if not images:
+    raise UsageError(f"--limit {limit} selects no images" if limit is not None and limit < 1
+                     else f"--split {split}: {ann} lists no images; nothing to evaluate")
+  return images, anns_by, os.path.join(data_dir, f"{split}2017")
 
 
 def build_methods(b, methods, stats: Dict[str, MethodStats]) -> Dict[str, Method]:
@@ -223,18 +240,32 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
   from aopsam_jax.trainer.evaluation import ImageGT
 
   images, anns_by, img_dir = load_split(data_dir, split, limit)
-  b = bundle_lib.load_bundle(bundle_path, sam_checkpoint=sam_checkpoint,
-                             asf_overrides=asf_overrides)
+  try:
+    b = bundle_lib.load_bundle(bundle_path, sam_checkpoint=sam_checkpoint,
+                               asf_overrides=asf_overrides)
+  except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+    from aopsam_jax.cli import WorkError
+    raise WorkError(f"cannot load {sam_checkpoint or bundle_path or 'the shipped bundle'}: "
+                    f"{e}") from None
   cfg = b.asf
   tcfg = TargetConfig(img_size=cfg.img_size)
   stats = {m: MethodStats() for m in methods}
   runs = build_methods(b, methods, stats)
-  it = images
+  it, warn = images, lambda msg: print(msg, file=sys.stderr)
   if progress:
     from tqdm import tqdm
     it = tqdm(images, desc="evaluate", dynamic_ncols=True)
-  for n_img, im in enumerate(it):
-    image = load_image(os.path.join(img_dir, im["file_name"]))
+    warn = lambda msg: tqdm.write(msg, file=sys.stderr)  # noqa: E731  (on its own line, not in the bar)
+  n_img, skipped = 0, []
+  for im in it:
+    path = os.path.join(img_dir, im["file_name"])
+    try:
+      image = load_image(path)
+    except (OSError, ValueError) as e:  # missing or undecodable: skipped, as in training
+      reason = str(e) if path in str(e) else f"{path}: {e}"
+      warn(f"warning: skipped image {im['id']}: {reason}")
+      skipped.append({"image_id": im["id"], "file": path, "reason": reason})
+      continue
     g = ImageGT(anns_by[im["id"]], image.shape[0], image.shape[1], tcfg)
     areas = g.gt.reshape(len(g.gt), -1).sum(1).astype(float)
     for m in methods:
@@ -243,7 +274,14 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
       else:
         eval_amg_image(runs[m], amg_config(m), g, areas, image, cfg.img_size,
                        n_img < amg_images)
-  return summarize(b, stats, methods, data_dir, split, len(images), amg_images, bundle_path)
+    n_img += 1
+  if not n_img:
+    from aopsam_jax.cli import WorkError
+    raise WorkError(f"none of the {len(images)} selected images could be read (e.g. "
+                    f"{skipped[0]['reason']}); nothing was evaluated")
+  res = summarize(b, stats, methods, data_dir, split, n_img, amg_images, bundle_path)
+  res["dataset"].update(listed_images=len(images), skipped_images=skipped)
+  return res
 
 
 def summarize(b, stats: Dict[str, MethodStats], methods, data_dir: str, split: str,
@@ -342,6 +380,11 @@ def to_markdown(res: dict) -> str:
     r = res["aop_vs_amg_d"]
     lines.append(f"- End-to-end latency: AoP-SAM is {r['speedup']:.1f}x faster than AMG_D "
                  f"(target >= {r['target_speedup_min']:.0f}x).")
+  skipped = res["dataset"].get("skipped_images") or []
+  if skipped:
+    lines.append(f"- {len(skipped)} of {res['dataset']['listed_images']} listed images could not "
+                 f"be read and were skipped (e.g. {skipped[0]['reason']}); the metrics cover the "
+                 f"other {res['dataset']['images']}.")
   for n in res["notes"]:
     lines.append(f"- {'* ' if rnd else ''}{n}")
   lines.append(f"- Process peak RSS {res['machine']['process_peak_rss_mib']:.0f} MiB (all methods).")
@@ -386,16 +429,58 @@ def write_outputs(res: dict, out_prefix: str) -> None:
   plot(res, out_prefix + ".png")
 
 
+def _positive_int(text: str) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    v = 0
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+  return v
+
+
+def _count(text: str) -> int:
+  try:
+    v = int(text)
+  except ValueError:
+    v = -1
+  if v < 0:
+    raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+  return v
+
+
+METHODS = ("aop", "amg_s", "amg_d")
+
+
+def parse_methods(text: str) -> tuple:
+  """'aop,amg_s' -> ('aop', 'amg_s'); unknown or repeated names are a usage error."""
+  from aopsam_jax.cli import UsageError
+  names = tuple(m.strip() for m in text.split(",") if m.strip())
+  unknown = [m for m in names if m not in METHODS]
+  if unknown or not names:
+    raise UsageError(f"--methods {text!r}: unknown method(s) {unknown}; choose from "
+                     f"{', '.join(METHODS)} (comma-separated)" if unknown else
+                     f"--methods {text!r} names no method; choose from {', '.join(METHODS)}")
+  if len(set(names)) != len(names):
+    raise UsageError(f"--methods {text!r} names a method twice")
+  return names
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  from aopsam_jax.cli import EXIT_STATUS_HELP, ArgumentParser
+  p = ArgumentParser(prog="python -m aopsam_jax.evaluate", description=__doc__.split("\n\n")[0],
+                     epilog="Images listed in the annotations but missing or unreadable are "
+                            "skipped with a warning and counted in the report (exit status 1). "
+                            + EXIT_STATUS_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", required=True, help="COCO-format dir (annotations/, <split>2017/)")
   p.add_argument("--split", default="val")
   p.add_argument("--bundle", default=None, help="AoP-SAM bundle dir (default: shipped one)")
   p.add_argument("--sam-checkpoint", default=None, help="converted SAM weights (override)")
-  p.add_argument("--methods", default="aop,amg_s,amg_d")
-  p.add_argument("--limit", type=int, default=None, help="first N images (by id)")
-  p.add_argument("--amg-images", type=int, default=5,
+  p.add_argument("--methods", default="aop,amg_s,amg_d",
+                 help=f"comma-separated, from {', '.join(METHODS)}")
+  p.add_argument("--limit", type=_positive_int, default=None, help="first N images (by id)")
+  p.add_argument("--amg-images", type=_count, default=5,
                  help="images on which grid AMG is run (masks, latency; first one compiles)")
   p.add_argument("--asf", action="append", default=[],
                  help="AsfConfig override, e.g. --asf k_coarse=16 (repeatable)")
@@ -404,18 +489,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  from aopsam_jax.cli import run_main
+  return run_main(_main, argv, "evaluate")
+
+
+def _main(argv) -> int:
+  from aopsam_jax.cli import UsageError
   p = build_parser()
   a = p.parse_args(argv)
+  methods = parse_methods(a.methods)
+  for flag, path in (("--bundle", a.bundle), ("--sam-checkpoint", a.sam_checkpoint)):
+    if path is not None and not os.path.exists(path):
+      raise UsageError(f"{flag} {path}: no such file or directory")
+  if os.path.isdir(a.out):
+    raise UsageError(f"--out {a.out} is a directory; give a path prefix (writes <out>.json, "
+                     "<out>.md, <out>.png)")
+  load_split(a.data, a.split, a.limit)  # a usage error here comes before any model work
   from aopsam_jax.aop.bundle import parse_overrides
   try:
     over = parse_overrides(a.asf, "--asf")
   except ValueError as e:
     p.error(str(e))
-  res = evaluate(a.data, a.split, a.bundle, a.sam_checkpoint, tuple(a.methods.split(",")),
-                 a.limit, a.amg_images, over or None)
+  res = evaluate(a.data, a.split, a.bundle, a.sam_checkpoint, methods, a.limit, a.amg_images,
+                 over or None)
   write_outputs(res, a.out)
   print(to_markdown(res))
-  return 0
+  return 1 if res["dataset"]["skipped_images"] else 0
 
 
 if __name__ == "__main__":
