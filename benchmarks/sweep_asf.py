@@ -41,7 +41,6 @@ def main(argv=None):
   from aopsam_jax.data.targets import TargetConfig, sample_to_heatmap
   from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.trainer.evaluation import ImageGT, summarize
-  from aopsam_jax.sam.transforms import preprocess
 
   p = argparse.ArgumentParser()
   p.add_argument("--data", required=True)
@@ -60,7 +59,7 @@ def main(argv=None):
   b = bundle_lib.load_bundle(a.bundle, quiet=True)
   images, anns = load_annotations(os.path.join(a.data, "annotations",
                                                f"instances_{a.split}2017.json"))
-  hm_fn = jax.jit(lambda x, ihw: b.model.heatmap(preprocess(x, ihw)[None])[1][0])
+  hm_fn = jax.jit(lambda x, ihw: b.model.heatmap(x[None], ihw[None])[1][0])
   data = []
   for im in sorted(images, key=lambda i: i["id"]):
     img = load_image(os.path.join(a.data, f"{a.split}2017", im["file_name"]))

@@ -9,7 +9,7 @@ from flax import nnx
 from aopsam_jax.aop.peaks import extract_peaks
 from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
                                          downsample_image, forward_flops, load_predictor,
-                                         save_predictor)
+                                         predictor_inputs, save_predictor)
 from aopsam_jax.trainer.losses import focal_loss
 
 SMALL = PromptPredictorConfig(img_channels=(4, 8, 8), embed_proj=8, hidden=8, dec_channels=(8, 4),
@@ -39,6 +39,26 @@ def test_downsample_image():
   np.testing.assert_allclose(np.asarray(downsample_image(x)), ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(downsample_image(x))[1, 7, 9],
                              x[1, 28:32, 36:40].mean(axis=(0, 1)), rtol=1e-5)
+
+
+def test_predictor_inputs_against_numpy():
+  """Normalise with SAM's pixel mean/std, zero outside the valid size, then the
+  encoder on that and a 4x area mean of it."""
+  rng = np.random.default_rng(0)
+  padded = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  hw = np.array([[40, 64], [64, 24]], np.int32)
+  mean = np.array([123.675, 116.28, 103.53])
+  std = np.array([58.395, 57.12, 57.375])
+  x = (padded - mean) / std
+  for b, (h, w) in enumerate(hw):
+    x[b, h:] = 0
+    x[b, :, w:] = 0
+  encoder = lambda p: p[:, ::16, ::16, :2] * 2.0  # any function of the preprocessed pixels
+  emb, small = predictor_inputs(encoder, jnp.asarray(padded), jnp.asarray(hw))
+  assert emb.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(emb), x[:, ::16, ::16, :2] * 2.0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(small), x.reshape(2, 16, 4, 16, 4, 3).mean(axis=(2, 4)),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_roundtrip(tmp_path):

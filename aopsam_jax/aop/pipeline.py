@@ -31,7 +31,7 @@ axis for batches), compatible with `amg.to_records` / `amg.masks_at_original`:
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, NamedTuple
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,8 @@ from flax import nnx
 
 from aopsam_jax.sam import amg, mask_ops
 from aopsam_jax.aop import asf
-from aopsam_jax.aop.prompt_predictor import PromptPredictor, downsample_image
-from aopsam_jax.sam.transforms import prepare_image, preprocess
+from aopsam_jax.aop.prompt_predictor import PromptPredictor, predictor_inputs
+from aopsam_jax.sam.transforms import prepare_image
 
 AsfConfig = asf.AsfConfig
 
@@ -53,10 +53,11 @@ class AopSam(nnx.Module):
     self.sam = sam
     self.predictor = predictor
 
-  def heatmap(self, pixels: jax.Array) -> jax.Array:
-    """Preprocessed (B, S, S, 3) -> (embeddings (B, 64, 64, 256), heatmap logits (B, 256, 256))."""
-    emb = self.sam.encode_image(pixels)
-    return emb, self.predictor(emb, downsample_image(pixels))
+  def heatmap(self, padded: jax.Array, input_hw: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Padded uint8 (B, S, S, 3), input_hw (B, 2) -> (embeddings (B, 64, 64, 256),
+    heatmap logits (B, 256, 256))."""
+    emb, small = predictor_inputs(self.sam.encode_image, padded, input_hw)
+    return emb, self.predictor(emb, small)
 
 
 class AopInputs(NamedTuple):
@@ -78,8 +79,7 @@ def _segment_one(model: AopSam, padded, input_hw, original_hw, cfg: AsfConfig):
     raise ValueError(f"padded input is {img_size} wide, AsfConfig.img_size is {cfg.img_size}")
   input_hw = input_hw.astype(jnp.int32)
   original_hw = original_hw.astype(jnp.int32)
-  x = preprocess(padded, input_hw)[None]
-  emb, hm = model.heatmap(x)
+  emb, hm = model.heatmap(padded[None], input_hw[None])
   hm = hm[0]
 
   def decode_fn(points_in, valid):

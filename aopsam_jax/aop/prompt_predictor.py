@@ -6,6 +6,8 @@ Inputs
   image_small  (B, 256, 256, 3) float32: the same preprocessed input
                (SAM mean/std normalised, zero padding) area-downsampled 4x,
                see `downsample_image`.
+  Both come from `predictor_inputs(encoder, padded, input_hw)`, the one
+  definition used by inference, the embedding cache and the train step.
 Output
   logits (B, 256, 256): prompt-heatmap logits; heatmap pixel (i, j) covers
   input pixels [4i, 4i+4) x [4j, 4j+4) of the padded 1024 input frame (see
@@ -26,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from aopsam_jax.sam.transforms import preprocess
 
 FORMAT_VERSION = "1"
 
@@ -69,6 +73,17 @@ def downsample_image(preprocessed: jax.Array, factor: int = 4) -> jax.Array:
   b, h, w, c = preprocessed.shape
   x = preprocessed.astype(jnp.float32).reshape(b, h // factor, factor, w // factor, factor, c)
   return x.mean(axis=(2, 4))
+
+
+def predictor_inputs(encoder: Callable[[jax.Array], jax.Array], padded: jax.Array,
+                     input_hw: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Resized + padded uint8 images (B, S, S, 3) and their valid sizes (B, 2)
+  -> the predictor's (embedding (B, S/16, S/16, 256) float32, image_small
+  (B, S/4, S/4, 3)).  `encoder` maps preprocessed pixels to SAM's image
+  embedding (`Sam.encode_image` or the `Sam.image_encoder` module); the
+  predictor must see in inference exactly what it was trained on."""
+  x = preprocess(padded, input_hw)
+  return encoder(x).astype(jnp.float32), downsample_image(x)
 
 
 def _up2(x: jax.Array) -> jax.Array:

@@ -4,8 +4,8 @@ Keyed by a fingerprint of the image-encoder weights (SHA-256 over the SAM
 config and every encoder parameter) and a namespace (dataset/split).  Layout::
 
   <root>/<fingerprint[:16]>/<namespace>/
-      embeddings.npy   (N, 64, 64, 256) float32   `Sam.encode_image(preprocess(x))`
-      image_small.npy  (N, 256, 256, 3) float32   `downsample_image(preprocess(x))`
+      embeddings.npy   (N, 64, 64, 256) float32   `predictor_inputs(...)[0]`
+      image_small.npy  (N, 256, 256, 3) float32   `predictor_inputs(...)[1]`
       ids.json         {"fingerprint": ..., "image_ids": [...]}  (row order)
 
 Arrays are written to temporary names and renamed, ids.json last, so a killed
@@ -21,13 +21,11 @@ import uuid
 from typing import Callable, Iterable, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.sam import transforms
 from aopsam_jax.sam.params import encoder_fingerprint  # noqa: F401  (re-exported)
-from aopsam_jax.aop.prompt_predictor import downsample_image
+from aopsam_jax.aop.prompt_predictor import predictor_inputs
 
 
 def make_encode_fn(sam) -> Callable:
@@ -36,9 +34,7 @@ def make_encode_fn(sam) -> Callable:
 
   @jax.jit
   def f(state, padded, input_hw):
-    x = transforms.preprocess(padded, input_hw)
-    emb = nnx.merge(graphdef, state)(x)
-    return emb.astype(jnp.float32), downsample_image(x)
+    return predictor_inputs(nnx.merge(graphdef, state), padded, input_hw)
 
   return lambda padded, hw: f(state, padded, hw)
 

@@ -18,11 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from aopsam_jax.sam import transforms
 from aopsam_jax.data.targets import STRIDE
 from aopsam_jax.sam.mask_ops import low_res_valid_region
 from aopsam_jax.aop.peaks import extract_peaks
-from aopsam_jax.aop.prompt_predictor import downsample_image
+from aopsam_jax.aop.prompt_predictor import predictor_inputs
 from aopsam_jax.trainer.losses import LOSSES
 
 
@@ -55,9 +54,9 @@ def model_inputs(batch, encoder_graphdef, encoder_state):
   """(embedding, image_small) from a cached or an online batch."""
   if "embedding" in batch:
     return batch["embedding"], batch["image_small"]
-  x = transforms.preprocess(batch["image"], batch["input_hw"])
-  emb = nnx.merge(encoder_graphdef, encoder_state)(x)
-  return jax.lax.stop_gradient(emb.astype(jnp.float32)), downsample_image(x)
+  encoder = nnx.merge(encoder_graphdef, encoder_state)
+  emb, small = predictor_inputs(encoder, batch["image"], batch["input_hw"])
+  return jax.lax.stop_gradient(emb), small
 
 
 def build_steps(graphdef, tx, loss_cfg, mesh: Mesh, encoder_graphdef=None,
