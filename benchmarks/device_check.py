@@ -67,7 +67,7 @@ def sam_config(name: str) -> SamConfig:
 
 @dataclasses.dataclass
 class Plan:
-  variants: List[tuple]  # (SAM variant, compute dtype) in priority order
+  variants: List[Any]  # Specs in priority order
   batches: List[int]
   aop_batches: List[int]
   prompts: List[int]
@@ -84,15 +84,11 @@ class Plan:
 
 def make_plan(args) -> Plan:
   if args.smoke:
-    return Plan(variants=[("smoke", "float32")], batches=[1, 2], aop_batches=[1], prompts=[1, 4],
+    return Plan(variants=[Spec("smoke", "float32")], batches=[1, 2], aop_batches=[1], prompts=[1, 4],
                 amg_sides={"AMG_S": 2}, parity_model="smoke", matmul_n=256,
                 max_repeats=2, repeat_s=0.0, train_models=["smoke"], train_batch=2,
                 image_hw=(192, 256), min_left=0.0)
-  variants = [tuple(v.split(":")) for v in args.variants.split(",") if v]
-  for m, d in variants:
-    sam_config(m)
-    if d not in DTYPES:
-      raise SystemExit(f"--variants: unknown dtype {d!r} in {m}:{d}; use float32 or bfloat16")
+  variants = [Spec.parse(v) for v in args.variants.split(",") if v]
   return Plan(variants=variants, batches=[1, 8], aop_batches=[1, 8],
               prompts=[1, 64], amg_sides={"AMG_S": 16, "AMG_D": 32}, parity_model="vit_b",
               matmul_n=8192, max_repeats=10, repeat_s=3.0,
@@ -345,8 +341,32 @@ def _graphdef(cfg: SamConfig, dtype, impl: str, predictor_cfg=None):
   return nnx.split(nnx.eval_shape(build))[0]
 
 
+def random_state(abstract_state, seed: int = 0):
+  """Random float32 parameters for an abstract (eval_shape) nnx state, made on the device
+  by one small program: one normal draw for all parameters, sliced (a whole-model nnx
+  init program took 80 s to compile for vit_h on an H100, per-shape fills ~60 s on CPU)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+  shapes = [tuple(leaf.shape) for _, leaf in leaves]
+  sizes = [int(np.prod(shp)) for shp in shapes]
+  is_scale = []
+  for path, _ in leaves:
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    is_scale.append(len(names) > 1 and names[-2] == "scale")
+
+  @jax.jit
+  def make(key):
+    flat = 0.02 * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    out, off = [], 0
+    for shp, n, sc in zip(shapes, sizes, is_scale):
+      x = flat[off:off + n].reshape(shp)
+      out.append(x + 1.0 if sc else x)
+      off += n
+    return out
+  return jax.tree_util.tree_unflatten(treedef, make(jax.random.key(seed)))
+
+
 class Variant:
-  """One SAM variant with random weights, initialised on the device in one program."""
+  """One SAM variant (+ prompt predictor) with random weights made on the device."""
 
   def __init__(self, name: str, image_hw):
     from aopsam_jax.aop.pipeline import AopSam
@@ -354,39 +374,78 @@ class Variant:
     self.name = name
     self.cfg = sam_config(name)
     self.pp_cfg = PromptPredictorConfig()
-
-    @nnx.jit
-    def init():
-      return AopSam(modeling.Sam(self.cfg, rngs=nnx.Rngs(0)),
-                    PromptPredictor(self.pp_cfg, rngs=nnx.Rngs(1)))
-    aop = init()
-    _, self.aop_state = nnx.split(aop)
-    _, self.sam_state = nnx.split(aop.sam)
+    abstract = nnx.eval_shape(lambda: AopSam(modeling.Sam(self.cfg, rngs=nnx.Rngs(0)),
+                                             PromptPredictor(self.pp_cfg, rngs=nnx.Rngs(1))))
+    graphdef, self.aop_state = nnx.split(abstract)
+    self.aop_state = random_state(self.aop_state)
+    self.sam_state = nnx.split(nnx.merge(graphdef, self.aop_state).sam)[1]
     images = [test_image(s, *image_hw) for s in range(2)]
     prepared = [prepare_image(im, self.cfg.img_size) for im in images]
     self.padded = [p[0] for p in prepared]
     self.input_hw = [p[1].astype(np.int32) for p in prepared]
     self.original_hw = [p[2].astype(np.int32) for p in prepared]
     self.images = images
+    self._batches: Dict[tuple, tuple] = {}
 
   def batch(self, i: int, b: int):
-    """Device arrays (padded, input_hw, original_hw) of a batch of b images (input set i % 2)."""
+    """Device arrays (padded, input_hw, original_hw) of b images (input set i % 2), made once
+    so that timed calls hold no host-to-device copies."""
     k = i % 2
-    stack = lambda xs: jnp.asarray(np.stack([xs[(k + j) % 2] for j in range(b)]))
-    return stack(self.padded), stack(self.input_hw), stack(self.original_hw)
+    if (k, b) not in self._batches:
+      stack = lambda xs: jnp.asarray(np.stack([xs[(k + j) % 2] for j in range(b)]))
+      self._batches[k, b] = block((stack(self.padded), stack(self.input_hw),
+                                   stack(self.original_hw)))
+    return self._batches[k, b]
 
 
-def bench_variant(report: Report, plan: Plan, budget: Budget, v: Variant, dtype_name: str) -> None:
+STEPS = ("enc1", "enc8", "decode", "aop1", "aop8", "amg_s", "amg_d")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One measured variant: `MODEL:DTYPE[:IMPL+IMPL...[:STEP+STEP...]]` on the command line.
+
+  Attention impls default to every one available (cudnn only for bfloat16 on
+  a GPU); steps default to all of STEPS (enc1 = encoder per impl at batch 1,
+  the fastest impl is used for the rest; without enc1 the first impl is)."""
+
+  model: str
+  dtype: str
+  impls: tuple = ()
+  steps: tuple = STEPS
+
+  @classmethod
+  def parse(cls, text: str) -> "Spec":
+    parts = text.split(":")
+    if len(parts) < 2 or parts[1] not in DTYPES:
+      raise SystemExit(f"--variants: {text!r} is not MODEL:DTYPE[:IMPLS[:STEPS]] with DTYPE "
+                       f"float32 or bfloat16")
+    sam_config(parts[0])
+    impls = tuple(x for x in parts[2].split("+") if x) if len(parts) > 2 else ()
+    steps = tuple(x for x in parts[3].split("+") if x) if len(parts) > 3 else STEPS
+    for impl in impls:
+      modeling.check_attention_impl(impl)
+    bad = set(steps) - set(STEPS)
+    if bad:
+      raise SystemExit(f"--variants: unknown steps {sorted(bad)} in {text!r}; use {STEPS}")
+    return cls(parts[0], parts[1], impls, steps)
+
+  def attention_impls(self):
+    if self.impls:
+      return list(self.impls)
+    dtype = DTYPES[self.dtype]
+    return ["chunked", "xla"] + (["cudnn"] if jax.default_backend() == "gpu" and dtype else [])
+
+
+def bench_variant(report: Report, plan: Plan, budget: Budget, v: Variant, spec: Spec) -> None:
   """Encoder per attention impl, then decode, AoP and AMG with the fastest impl."""
   from aopsam_jax.sam.predictor import embed_fn
-  dtype = DTYPES[dtype_name]
-  base = dict(model=v.name, dtype=dtype_name)
-  impls = ["chunked", "xla"]
-  if jax.default_backend() == "gpu" and dtype is not None:
-    impls.append("cudnn")
+  dtype = DTYPES[spec.dtype]
+  base = dict(model=v.name, dtype=spec.dtype)
+  impls = spec.attention_impls()
   enc_flops = encoder_flops(v.cfg)
-  best, best_t = "chunked", float("inf")
-  for impl in impls:
+  best, best_t = impls[0], float("inf")
+  for impl in impls if "enc1" in spec.steps else ():
     g = _graphdef(v.cfg, dtype, impl)
     r = _guarded(report, base, f"encoder ({impl})", budget, 1, lambda g=g: timed_calls(
         lambda i: embed_fn(g, v.sam_state, *v.batch(i, 1)[:2]), plan, budget), impl=impl,
@@ -394,14 +453,17 @@ def bench_variant(report: Report, plan: Plan, budget: Budget, v: Variant, dtype_
     if r and r["median_s"] < best_t:
       best, best_t = impl, r["median_s"]
   g = _graphdef(v.cfg, dtype, best)
-  for b in plan.batches[1:]:
+  for b in plan.batches[1:] if "enc8" in spec.steps else ():
     _guarded(report, base, "encoder", budget, b, lambda b=b: timed_calls(
         lambda i: embed_fn(g, v.sam_state, *v.batch(i, b)[:2]), plan, budget), impl=best,
         flops=enc_flops * b)
-  bench_decode(report, plan, budget, v, g, base)
+  if "decode" in spec.steps:
+    bench_decode(report, plan, budget, v, g, base)
   ga = _graphdef(v.cfg, dtype, best, v.pp_cfg)
-  bench_aop(report, plan, budget, v, ga, base, best)
-  bench_amg(report, plan, budget, v, g, base, best)
+  aop_batches = [b for b in plan.aop_batches if f"aop{1 if b == 1 else 8}" in spec.steps]
+  bench_aop(report, plan, budget, v, ga, base, best, aop_batches)
+  amg_sides = {k: n for k, n in plan.amg_sides.items() if k.lower() in spec.steps}
+  bench_amg(report, plan, budget, v, g, base, best, amg_sides)
 
 
 def _guarded(report: Report, base: Dict[str, Any], what: str, budget: Budget, batch: int,
@@ -441,11 +503,11 @@ def bench_decode(report, plan, budget, v: Variant, graphdef, base) -> None:
              lambda run=run: timed_calls(run, plan, budget))
 
 
-def bench_aop(report, plan, budget, v: Variant, graphdef, base, impl) -> None:
+def bench_aop(report, plan, budget, v: Variant, graphdef, base, impl, batches) -> None:
   from aopsam_jax.aop import pipeline
   asf = pipeline.AsfConfig(img_size=v.cfg.img_size)
   flops = encoder_flops(v.cfg)
-  for b in plan.aop_batches:
+  for b in batches:
     def run(i, b=b):
       padded, ihw, ohw = v.batch(i, b)
       if b == 1:
@@ -455,8 +517,8 @@ def bench_aop(report, plan, budget, v: Variant, graphdef, base, impl) -> None:
              lambda run=run: timed_calls(run, plan, budget), impl=impl, flops=flops * b)
 
 
-def bench_amg(report, plan, budget, v: Variant, graphdef, base, impl) -> None:
-  for name, side in plan.amg_sides.items():
+def bench_amg(report, plan, budget, v: Variant, graphdef, base, impl, sides) -> None:
+  for name, side in sides.items():
     cfg = amg.AmgConfig(points_per_side=side)
     inputs = [amg.prepare(im, cfg, v.cfg.img_size) for im in v.images]
     _guarded(report, base, f"{name} ({side}x{side} grid)", budget, 1,
@@ -544,15 +606,16 @@ def run_all(args) -> Report:
       report.parity.append({"model": plan.parity_model, "impl": "-",
                             "status": f"error: {type(e).__name__}: {e}"[:160]})
   variants: Dict[str, Variant] = {}
-  for model, dtype in plan.variants:
+  for spec in plan.variants:
     if budget.left() < 30 * budget.scale:
-      report.add(model=model, dtype=dtype, what="all", status="skipped (time)")
+      report.add(model=spec.model, dtype=spec.dtype, what="all", status="skipped (time)")
       continue
-    if model not in variants:
+    if spec.model not in variants:
       t0 = time.perf_counter()
-      variants[model] = Variant(model, plan.image_hw)
-      report.notes.append(f"{model}: random init on the device {time.perf_counter() - t0:.1f} s")
-    bench_variant(report, plan, budget, variants[model], dtype)
+      variants[spec.model] = Variant(spec.model, plan.image_hw)
+      report.notes.append(f"{spec.model}: random init on the device "
+                          f"{time.perf_counter() - t0:.1f} s")
+    bench_variant(report, plan, budget, variants[spec.model], spec)
   variants.clear()
   for model in plan.train_models:
     bench_train(report, plan, budget, model)
@@ -573,7 +636,8 @@ def main(argv=None) -> int:
   ap.add_argument("--smoke", action="store_true",
                   help="every step at toy sizes (vit_tiny_test, tiny grids) on any backend")
   ap.add_argument("--variants", default="vit_h:bfloat16,vit_b:float32,vit_h:float32,vit_b:bfloat16",
-                  help="MODEL:DTYPE list in priority order")
+                  help="MODEL:DTYPE[:IMPL+..[:STEP+..]] list in priority order; steps: "
+                  + ", ".join(STEPS))
   ap.add_argument("--train-models", default="vit_b",
                   help="SAM encoders for the online train step ('' to skip)")
   ap.add_argument("--budget-s", type=float, default=400.0,
