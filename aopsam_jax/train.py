@@ -215,7 +215,7 @@ def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 
   evaluation's k = eval_ks[0] peaks (see `io.plot_prompt_examples`)."""
   from aopsam_jax.data import coco
   from aopsam_jax.trainer import io
-  from aopsam_jax.trainer.evaluation import heatmap_to_original
+  from aopsam_jax.sam.geometry import heatmap_to_original
   k = config.eval_ks[0]
   coords, valid = last_peaks["peaks"][f"k{k}"]
   examples = []

@@ -39,6 +39,7 @@ def main(argv=None):
   from aopsam_jax.aop import asf, bundle as bundle_lib, pipeline
   from aopsam_jax.data.coco import load_annotations
   from aopsam_jax.data.targets import TargetConfig, sample_to_heatmap
+  from aopsam_jax.sam.geometry import LOW_RES_STRIDE
   from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.trainer.evaluation import ImageGT, summarize
 
@@ -77,7 +78,7 @@ def main(argv=None):
     return jnp.full((k, 3, 256, 256), -10.0), jnp.zeros((k, 3))
 
   def oracle_decoder(gt, pts, ok):
-    pix = jnp.clip(jnp.floor(pts / 4.0).astype(jnp.int32), 0, 255)
+    pix = jnp.clip(jnp.floor(pts / LOW_RES_STRIDE).astype(jnp.int32), 0, 255)
     inside = gt[:, pix[:, 1], pix[:, 0]]                       # (MAX_GT, K)
     area = gt.sum((1, 2)).astype(jnp.float32)
     pick = jnp.argmin(jnp.where(inside, area[:, None], jnp.inf), axis=0)

@@ -67,7 +67,8 @@ def test_shipped_predictor_beats_a_grid_of_the_same_budget(shipped):
   from aopsam_jax.data.coco import load_annotations
   from aopsam_jax.data.targets import TargetConfig
   from aopsam_jax.sam.image_io import load_image
-  from aopsam_jax.trainer.evaluation import ImageGT, grid_points, heatmap_to_original
+  from aopsam_jax.sam.geometry import heatmap_to_original
+  from aopsam_jax.trainer.evaluation import ImageGT, grid_points
 
   b, _ = shipped
   k = b.asf.k_coarse + b.asf.k_fine

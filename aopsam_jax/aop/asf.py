@@ -39,7 +39,7 @@ from typing import Callable, Dict, Tuple
 import jax
 import jax.numpy as jnp
 
-from aopsam_jax.sam import mask_ops
+from aopsam_jax.sam import geometry, mask_ops
 from aopsam_jax.aop import peaks
 
 Array = jax.Array
@@ -188,7 +188,7 @@ def run(heatmap_logits: Array, input_hw: Array, decode_fn: DecodeFn,
     raise ValueError(f"heatmap must be square (L, L), got {heatmap_logits.shape}")
   stride = cfg.img_size / l
   input_hw = jnp.asarray(input_hw, jnp.int32)
-  region = mask_ops.low_res_valid_region(input_hw, l, cfg.img_size)
+  region = geometry.low_res_valid_region(input_hw, l, cfg.img_size)
   prob, pmax = _prompt_heatmap(heatmap_logits, region)
   is_peak = peaks.local_maxima(prob[None], cfg.peak_kernel)[0] & region
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.sam import amg, mask_ops
+from aopsam_jax.sam import amg, geometry, mask_ops
 from aopsam_jax.aop import asf
 from aopsam_jax.aop.prompt_predictor import PromptPredictor, predictor_inputs
 from aopsam_jax.sam.transforms import prepare_image
@@ -88,7 +88,7 @@ def _segment_one(model: AopSam, padded, input_hw, original_hw, cfg: AsfConfig):
     return sam.decode(emb, coords, labels, multimask_output=True)
 
   out = asf.run(hm, input_hw, decode_fn, cfg)
-  to_orig = original_hw[::-1].astype(jnp.float32) / input_hw[::-1].astype(jnp.float32)
+  to_orig = geometry.input_to_original_scale(input_hw, original_hw)
   n = out["valid"].shape[0]
   boxes = mask_ops.boxes_from_low_res(out["low_res_logits"], input_hw, original_hw, img_size,
                                       cfg.mask_threshold)

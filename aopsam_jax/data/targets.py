@@ -1,10 +1,9 @@
 """Prompt-heatmap targets aligned with SAM's input frame.
 
-Geometry.  An original H0 x W0 image is resized (longest side -> 1024, SAM's
-`get_preprocess_shape`) to h x w and zero-padded bottom/right to 1024 x 1024.
-A point (x, y) of the original image (continuous, pixel centres at +0.5)
-maps to ``(x * w / W0, y * h / H0)`` in the input frame (SAM's
-`apply_coords`) and to that / 4 in the 256 x 256 heatmap, whose pixel (i, j)
+Geometry (`aopsam_jax.sam.geometry`).  An original H0 x W0 image is resized
+(longest side -> 1024) to h x w and zero-padded to 1024 x 1024.  A point
+(x, y) of the original image maps to ``(x * w / W0, y * h / H0)`` in the
+input frame and to that / 4 in the 256 x 256 heatmap, whose pixel (i, j)
 covers input pixels [4i, 4i+4) x [4j, 4j+4).
 
 Target.  For every non-crowd instance whose mask area, measured in the
@@ -29,9 +28,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from aopsam_jax.sam.transforms import get_preprocess_shape
-
-STRIDE = 4
+from aopsam_jax.sam import geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +41,7 @@ class TargetConfig:
 
   @property
   def heatmap_size(self) -> int:
-    return self.img_size // STRIDE
+    return geometry.low_res_size(self.img_size)
 
 
 def decode_mask(segmentation, h: int, w: int) -> np.ndarray:
@@ -100,7 +97,7 @@ def sample_to_heatmap(mask: np.ndarray, input_hw: Sequence[int], size: int) -> n
   each heatmap pixel's centre (nearest); False on the padding."""
   h0, w0 = mask.shape
   ih, iw = int(input_hw[0]), int(input_hw[1])
-  c = (np.arange(size) * STRIDE + STRIDE / 2.0)
+  c = geometry.low_res_centres(size)
   rows = np.minimum((c * h0 / ih).astype(np.int64), h0 - 1)
   cols = np.minimum((c * w0 / iw).astype(np.int64), w0 - 1)
   out = mask[rows[:, None], cols[None, :]]
@@ -110,7 +107,7 @@ def sample_to_heatmap(mask: np.ndarray, input_hw: Sequence[int], size: int) -> n
 
 def instance_points(annotations: List[dict], h0: int, w0: int, cfg: TargetConfig):
   """Kept instances -> list of (x_hm, y_hm, area_hm, ann index) and the crowd masks."""
-  ih, iw = get_preprocess_shape(h0, w0, cfg.img_size)
+  ih, iw = geometry.input_hw(h0, w0, cfg.img_size)
   sx, sy = iw / w0, ih / h0
   points, crowd = [], []
   for n, a in enumerate(annotations):
@@ -122,7 +119,8 @@ def instance_points(annotations: List[dict], h0: int, w0: int, cfg: TargetConfig
     if area_in < cfg.min_area or not m.any():
       continue
     x, y, _ = interior_point(m)
-    points.append((x * sx / STRIDE, y * sy / STRIDE, area_in / STRIDE**2, n))
+    stride = geometry.LOW_RES_STRIDE
+    points.append((x * sx / stride, y * sy / stride, area_in / stride**2, n))
   return points, crowd, (ih, iw)
 
 
@@ -135,7 +133,7 @@ def make_target(annotations: List[dict], h0: int, w0: int, cfg: TargetConfig = T
   for x, y, area_hm, _ in points:
     cx, cy = min(int(x), s - 1), min(int(y), s - 1)
     draw_gaussian(heat, cx, cy, gaussian_sigma(area_hm, cfg))
-  c = np.arange(s) * STRIDE + STRIDE / 2.0
+  c = geometry.low_res_centres(s)
   weight = ((c < ih)[:, None] & (c < iw)[None, :])
   for m in crowd:
     weight &= ~sample_to_heatmap(m, (ih, iw), s) | (heat >= 1.0)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aopsam_jax.sam.geometry import low_res_valid_region  # noqa: F401  (grid AMG's name for it)
+
 Array = jax.Array
 
 
@@ -228,14 +230,6 @@ def mask_iou(a: Array, b: Array) -> Array:
   inter = jnp.dot(fa, fb.T, precision=jax.lax.Precision.HIGHEST)
   union = fa.sum(-1)[:, None] + fb.sum(-1)[None, :] - inter
   return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
-
-
-def low_res_valid_region(input_hw: Array, low_res: int, img_size: int) -> Array:
-  """(low, low) bool: low-res pixels that cover the resized (unpadded) image."""
-  scale = img_size / low_res
-  rows = jnp.arange(low_res) * scale < input_hw[0]
-  cols = jnp.arange(low_res) * scale < input_hw[1]
-  return rows[:, None] & cols[None, :]
 
 
 def boxes_from_low_res(logits: Array, input_hw: Array, original_hw: Array, img_size: int,

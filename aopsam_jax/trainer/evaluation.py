@@ -21,8 +21,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from aopsam_jax.data.targets import STRIDE, TargetConfig, decode_mask
-from aopsam_jax.sam.transforms import get_preprocess_shape
+from aopsam_jax.data.targets import TargetConfig, decode_mask
+from aopsam_jax.sam.geometry import heatmap_to_original, input_hw
 
 
 def grid_points(n: int, h0: int, w0: int) -> np.ndarray:
@@ -33,18 +33,11 @@ def grid_points(n: int, h0: int, w0: int) -> np.ndarray:
   return np.stack([xs.reshape(-1) * w0, ys.reshape(-1) * h0], -1)
 
 
-def heatmap_to_original(coords_hm: np.ndarray, h0: int, w0: int, img_size: int = 1024) -> np.ndarray:
-  """Heatmap pixel-centre xy -> original-image xy (inverse of SAM apply_coords)."""
-  ih, iw = get_preprocess_shape(h0, w0, img_size)
-  c = np.asarray(coords_hm, np.float64) * STRIDE
-  return c * np.array([w0 / iw, h0 / ih])
-
-
 class ImageGT:
   """Decoded masks of one image: GT instances and all annotated regions."""
 
   def __init__(self, anns: List[dict], h0: int, w0: int, cfg: TargetConfig):
-    ih, iw = get_preprocess_shape(h0, w0, cfg.img_size)
+    ih, iw = input_hw(h0, w0, cfg.img_size)
     s = (ih / h0) * (iw / w0)
     self.h0, self.w0 = h0, w0
     gt, other = [], []

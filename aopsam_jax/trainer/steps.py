@@ -18,8 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from aopsam_jax.data.targets import STRIDE
-from aopsam_jax.sam.mask_ops import low_res_valid_region
+from aopsam_jax.sam.geometry import LOW_RES_STRIDE, low_res_valid_region
 from aopsam_jax.aop.peaks import extract_peaks
 from aopsam_jax.aop.prompt_predictor import predictor_inputs
 from aopsam_jax.trainer.losses import LOSSES
@@ -85,7 +84,8 @@ def build_steps(graphdef, tx, loss_cfg, mesh: Mesh, encoder_graphdef=None,
     # peaks only inside the resized image, as ASF takes them (the loss ignores
     # the padding, so the logits there are unconstrained)
     size = logits.shape[-1]
-    region = jax.vmap(lambda hw: low_res_valid_region(hw, size, STRIDE * size))(batch["input_hw"])
+    region = jax.vmap(lambda hw: low_res_valid_region(hw, size, LOW_RES_STRIDE * size))(
+        batch["input_hw"])
     logits = jnp.where(region, logits, -jnp.inf)
     for k in eval_ks:
       coords, scores, valid = extract_peaks(logits, k, kernel=nms_kernel)
