@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from aopsam_jax.sam.config import SAM_CONFIGS
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 RANDOM_LABEL = "random-init weights"
 
@@ -43,6 +45,8 @@ RANDOM_INIT_THRESHOLDS = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.25,
 
 # --- model -------------------------------------------------------------------
 
+DEFAULT_MODEL_TYPE = "vit_b"  # random-init architecture when --model-type is not given
+
 
 def load_model(checkpoint: Optional[str], model_type: str, seed: int = 0):
   """(model, weights description).  Converted safetensors load directly;
@@ -50,7 +54,7 @@ def load_model(checkpoint: Optional[str], model_type: str, seed: int = 0):
   from aopsam_jax.sam.config import get_sam_config
   from aopsam_jax.sam.params import build_model, load_sam
   if checkpoint is None:
-    return build_model(get_sam_config(model_type), seed=seed), RANDOM_LABEL
+    return build_model(get_sam_config(model_type or DEFAULT_MODEL_TYPE), seed=seed), RANDOM_LABEL
   if not os.path.exists(checkpoint):
     raise FileNotFoundError(f"no such checkpoint: {checkpoint}")
   try:
@@ -369,9 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="SAM weights: a converted .safetensors (conversion.convert_sam) or an "
                       "official/HF PyTorch checkpoint (converted on the fly, needs torch). "
                       "Omitted: RANDOM-INIT weights (meaningless masks; for smoke tests)")
-  p.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "vit_tiny_test"],
-                 help="architecture for random-init weights (and a hint for PyTorch "
-                      "checkpoints); converted files carry their own config")
+  p.add_argument("--model-type", default=None, choices=sorted(SAM_CONFIGS),
+                 help="architecture for random-init weights (default vit_b; vit_t is MobileSAM) "
+                      "and a check for PyTorch checkpoints (default: inferred from the tensor "
+                      "shapes); converted files carry their own config")
   p.add_argument("--mode", default="aop", choices=sorted(MODES),
                  help="aop: AoP-SAM (prompt predictor + adaptive sampling, --bundle); amg: grid "
                       "automatic mask generation; prompt: masks from --point/--box")
@@ -497,7 +502,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 
 
 def random_init_banner(mode: str, model_type: str) -> str:
-  which = "the AoP bundle's SAM" if mode == "aop" else model_type
+  which = "the AoP bundle's SAM" if mode == "aop" else (model_type or DEFAULT_MODEL_TYPE)
   return ("=" * 72 + "\nWARNING: no --checkpoint given: using RANDOM-INIT weights "
           f"({which}).\nThe masks are meaningless; this run only exercises the "
           "pipeline.\n" + "=" * 72)

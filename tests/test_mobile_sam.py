@@ -150,3 +150,31 @@ def test_predictor_parity(mobile_sam):
   cases = [c for c in prompt_cases(h, w, seed=5)
            if c[0] in ("point/multi", "point+mask/single", "box+point/multi")]
   run_cases(ours, pred, cases, "vit_t sample.jpg")
+
+
+def test_segment_loads_mobile_sam_pth_without_model_type(mobile_sam):
+  """`segment --checkpoint mobile_sam.pt` needs no --model-type: the shapes say vit_t."""
+  from aopsam_jax import segment
+  out = mobile_sam[1]
+  pth = os.path.splitext(out)[0] + ".pth"
+  args = segment.build_parser().parse_args(["--checkpoint", pth])
+  assert args.model_type is None
+  model, weights = segment.load_model(args.checkpoint, args.model_type)
+  assert model.config == SAM_CONFIGS["vit_t"] and weights == os.path.basename(pth)
+  ref = P.flat_params(P.load_sam(out))
+  got = P.flat_params(model)
+  assert set(got) == set(ref) and all(np.array_equal(got[k], ref[k]) for k in ref)
+  assert "vit_t" in segment.build_parser().parse_args(["--model-type", "vit_t"]).model_type
+
+
+@pytest.mark.slow
+def test_segment_cli_aop_and_amg_with_mobile_sam_pth(mobile_sam, tmp_path):
+  """End to end: the CLI on the MobileSAM-format file, AoP-SAM and grid AMG."""
+  from aopsam_jax import segment
+  from aopsam_jax.sam.image_io import sample_image_path
+  pth = os.path.splitext(mobile_sam[1])[0] + ".pth"
+  for mode, extra in (("aop", []), ("amg", ["--points-per-side", "4"])):
+    rc = segment.main([sample_image_path(), "--checkpoint", pth, "--mode", mode,
+                       "--out", str(tmp_path / mode)] + extra)
+    assert rc == 0
+    assert (tmp_path / mode / "sample.json").exists()

@@ -1,0 +1,168 @@
+"""MobileSAM (`vit_t`, TinyViT-5M) vs SAM ViT-B on this machine, one process, one run.
+
+  python benchmarks/bench_tiny_vit.py                 # encoders + end to end, 1 image
+  python benchmarks/bench_tiny_vit.py --skip-e2e --repeats 5
+
+Part 1, image encoder (1024 x 1024 input, batch 1): this port's vit_t and
+vit_b (jax.jit, float32) and MobileSAM's PyTorch TinyViT (the reference code,
+`mobilesam-mirror`, torch CPU threads = cores).  The three run in
+interleaved rounds so that a shared machine's load hits them alike; the table
+gives the median and the minimum and the ratio to the JAX vit_t median.  FLOPs
+are XLA's cost analysis of the compiled encoder.
+
+Part 2, end to end per image (image array -> mask records at the original
+size, as benchmarks/bench_amg.py times it): AoP-SAM with vit_t (an untrained
+prompt predictor: the decoded prompt count is fixed by the ASF config, so the
+cost is that of a trained one), and grid AMG_S (16 x 16) / AMG_D (32 x 32)
+with vit_t and vit_b, random-init weights and random-init thresholds.  Median
+of --repeats calls after a warm-up (compile) call.
+
+Writes benchmarks/results/tiny_vit_<backend>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from benchmarks.bench_amg import THRESH, machine  # noqa: E402
+
+
+def _jax_encoder(model_type: str):
+  """(run(x), GFLOPs) for this port's encoder with random weights."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import build_model
+  model = build_model(get_sam_config(model_type), seed=0)
+  graphdef, state = nnx.split(model.image_encoder)
+  fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+  x = jnp.zeros((1, 1024, 1024, 3), jnp.float32)
+  compiled = fn.lower(state, x).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gflops = float((cost or {}).get("flops", float("nan"))) / 1e9
+  return lambda: jax.block_until_ready(compiled(state, x)), gflops
+
+
+def _torch_encoder():
+  import torch
+  from tests.mobile_sam_reference import build_torch_mobile_sam
+  torch.set_num_threads(os.cpu_count() or 1)
+  enc = build_torch_mobile_sam(seed=0).image_encoder
+  x = torch.zeros(1, 3, 1024, 1024)
+
+  def run():
+    with torch.no_grad():
+      return enc(x)
+  return run
+
+
+def bench_encoders(repeats: int):
+  runs = {"this port (JAX) vit_t": _jax_encoder("vit_t"),
+          "this port (JAX) vit_b": _jax_encoder("vit_b"),
+          "MobileSAM PyTorch vit_t": (_torch_encoder(), float("nan"))}
+  times = {k: [] for k in runs}
+  for run, _ in runs.values():  # warm-up
+    run()
+  for _ in range(repeats):
+    for k, (run, _) in runs.items():
+      t0 = time.perf_counter()
+      run()
+      times[k].append(time.perf_counter() - t0)
+  base = statistics.median(times["this port (JAX) vit_t"])
+  rows = []
+  for k, (_, gf) in runs.items():
+    med = statistics.median(times[k])
+    rows.append(f"| {k} | {med:.3f} | {min(times[k]):.3f} | {med / base:.2f} | "
+                + ("" if gf != gf else f"{gf:.0f}") + " |")
+    print(rows[-1], flush=True)
+  return rows
+
+
+def _image():
+  from aopsam_jax.sam.image_io import load_image, sample_image_path
+  return load_image(sample_image_path())
+
+
+def _timed(run, repeats: int):
+  t0 = time.perf_counter()
+  res = run()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    res = run()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), first, len(res)
+
+
+def bench_e2e(repeats: int, model_types, settings):
+  from aopsam_jax.aop import bundle, pipeline
+  from aopsam_jax.sam import amg
+  from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import build_model
+  image = _image()
+  rows = []
+  gen = pipeline.AopMaskGenerator(bundle.random_bundle("vit_t", seed=0))
+  med, first, n = _timed(lambda: gen.generate(image), repeats)
+  k = gen.cfg.k_coarse + gen.cfg.k_fine
+  rows.append(f"| AoP-SAM | vit_t | {med:.2f} | {first:.1f} | {k} (coarse + fine) | {n} |")
+  print(rows[-1], flush=True)
+  for mt in model_types:
+    model = build_model(get_sam_config(mt), seed=0)
+    for s in settings:
+      side = {"S": 16, "D": 32}[s]
+      gen = amg.AutomaticMaskGenerator(model, amg.AmgConfig(points_per_side=side, **THRESH))
+      med, first, n = _timed(lambda gen=gen: gen.generate(image), repeats)
+      rows.append(f"| AMG_{s} | {mt} | {med:.2f} | {first:.1f} | {side * side} grid + re-decode "
+                  f"| {n} |")
+      print(rows[-1], flush=True)
+  return rows
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--repeats", type=int, default=3, help="timed rounds / calls after a warm-up")
+  p.add_argument("--e2e-repeats", type=int, default=1, help="timed end-to-end calls per method")
+  p.add_argument("--skip-e2e", action="store_true", help="encoders only")
+  p.add_argument("--e2e-models", default="vit_t,vit_b", help="SAMs for the grid AMG rows")
+  p.add_argument("--settings", default="S,D", help="grid AMG settings: S (16x16), D (32x32)")
+  p.add_argument("--out", default=None, help="markdown path (default results/tiny_vit_<backend>.md)")
+  args = p.parse_args(argv)
+  import jax
+  mach = machine()
+  print(mach, flush=True)
+  lines = ["# MobileSAM vit_t (TinyViT-5M) vs SAM vit_b, random-init weights", "",
+           f"Machine: {mach}", "",
+           f"## Image encoder, 1024 x 1024, batch 1 (interleaved rounds, {args.repeats} each)", "",
+           "| encoder | median s | min s | / JAX vit_t | XLA GFLOPs |", "|---|---|---|---|---|"]
+  lines += bench_encoders(args.repeats)
+  if not args.skip_e2e:
+    lines += ["", "## End to end per image (sample.jpg 640x428 -> mask records), median of "
+              f"{args.e2e_repeats} call(s) after the compile call", "",
+              f"Grid AMG thresholds (random init): {THRESH}.", "",
+              "| method | SAM | s / image | first call s | prompts | masks |",
+              "|---|---|---|---|---|---|"]
+    lines += bench_e2e(args.e2e_repeats, args.e2e_models.split(","), args.settings.split(","))
+  lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}"]
+  text = "\n".join(lines) + "\n"
+  path = args.out or os.path.join(HERE, "results", f"tiny_vit_{jax.default_backend()}.md")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  print(text)
+  print("wrote", path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
