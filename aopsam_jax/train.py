@@ -59,10 +59,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from aopsam_jax.sam.config import get_sam_config
   from aopsam_jax.data import pipeline
   from aopsam_jax.data.augment import AugmentConfig
+  from aopsam_jax.sam.config import config_from_dict
   from aopsam_jax.data.targets import TargetConfig
   from aopsam_jax.sam.params import encoder_fingerprint
   from aopsam_jax.sam.params import build_model, load_sam
-  from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
+  from aopsam_jax.sam.flat_state import count_params
+  from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig,
                                            forward_flops, save_predictor)
   from aopsam_jax.trainer import data_setup, io, steps
   from aopsam_jax.trainer.evaluation import PromptEvaluator
@@ -98,7 +100,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if pcount > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("data_prepared")
-  aug_cfg = AugmentConfig(**config.data.get("augment", {}))
+  aug_cfg = config_from_dict(AugmentConfig, dict(config.data.get("augment", {})), "data.augment")
   train_src, train_tr = data_setup.make_split(config.data, config.data.train, mode, target_cfg,
                                               sam=sam, fingerprint=fingerprint, is_writer=False,
                                               augment=aug_cfg)

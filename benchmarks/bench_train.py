@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aopsam_jax.sam.config import get_sam_config  # noqa: E402
 from aopsam_jax.sam.params import build_model  # noqa: E402
 from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig,  # noqa: E402
-                                         count_params, forward_flops)
+                                         forward_flops)
+from aopsam_jax.sam.flat_state import count_params  # noqa: E402
 from aopsam_jax.trainer import steps  # noqa: E402
 from configs import coco_tiny  # noqa: E402
 

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from aopsam_jax.aop.peaks import extract_peaks
-from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig, count_params,
+from aopsam_jax.sam.flat_state import count_params
+from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig,
                                          downsample_image, forward_flops, load_predictor,
                                          predictor_inputs, save_predictor)
 from aopsam_jax.trainer.losses import focal_loss

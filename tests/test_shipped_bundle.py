@@ -16,7 +16,7 @@ from PIL import Image
 from aopsam_jax import bundle as bundle_cli
 from aopsam_jax.aop import bundle as bundle_lib
 from aopsam_jax import segment
-from aopsam_jax.aop.prompt_predictor import count_params
+from aopsam_jax.sam.flat_state import count_params
 from tests.reference import shared_data_dir
 
 COCO_TINY = os.path.join(shared_data_dir(), "coco_tiny")

@@ -30,7 +30,9 @@ from flax import nnx
 from aopsam_jax.aop.asf import AsfConfig
 from aopsam_jax.sam.config import get_sam_config
 from aopsam_jax.sam.params import encoder_fingerprint
-from aopsam_jax.sam.params import build_model, flat_params, load_sam, save_converted
+from aopsam_jax.sam.config import config_from_dict
+from aopsam_jax.sam.flat_state import flat_params
+from aopsam_jax.sam.params import build_model, load_sam, save_converted
 from aopsam_jax.aop.pipeline import AopSam
 from aopsam_jax.aop.prompt_predictor import PromptPredictor, load_predictor, save_predictor
 
@@ -61,11 +63,7 @@ class Bundle:
 
 
 def asf_from_dict(d: Dict[str, Any]) -> AsfConfig:
-  known = {f.name for f in dataclasses.fields(AsfConfig)}
-  unknown = set(d) - known
-  if unknown:
-    raise ValueError(f"unknown AsfConfig fields in bundle: {sorted(unknown)}")
-  return AsfConfig(**d)
+  return config_from_dict(AsfConfig, d)
 
 
 def save_bundle(path: str, sam, predictor: PromptPredictor, asf_cfg: AsfConfig = AsfConfig(), *,

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aopsam_jax.sam.config import config_from_dict
+from aopsam_jax.sam.flat_state import flat_params, load_flat_params
 from aopsam_jax.sam.transforms import preprocess
 
 FORMAT_VERSION = "1"
@@ -57,15 +59,7 @@ class PromptPredictorConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "PromptPredictorConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"unknown PromptPredictorConfig fields {sorted(unknown)}")
-    d = dict(d)
-    for key in ("img_channels", "dec_channels"):
-      if key in d:
-        d[key] = tuple(d[key])
-    return cls(**d)
+    return config_from_dict(cls, d)
 
 
 def downsample_image(preprocessed: jax.Array, factor: int = 4) -> jax.Array:
@@ -162,10 +156,6 @@ class PromptPredictor(nnx.Module):
     return self.head(x)[..., 0]
 
 
-def count_params(model: nnx.Module) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def forward_flops(model: PromptPredictor, batch: int = 1, embed_hw: int = 64) -> float:
   """FLOPs of one forward pass (XLA cost analysis of the compiled program)."""
   graphdef, state = nnx.split(model)
@@ -187,7 +177,6 @@ def save_predictor(path: str, model: PromptPredictor, cfg: Optional[PromptPredic
   from safetensors.numpy import save_file
   cfg = cfg or model.config
   os.makedirs(path, exist_ok=True)
-  from aopsam_jax.sam.params import flat_params
   save_file(flat_params(model), os.path.join(path, "params.safetensors"),
             metadata={"format_version": FORMAT_VERSION})
   with open(os.path.join(path, "config.json"), "w") as f:
@@ -202,17 +191,6 @@ def load_predictor(path: str) -> Tuple[PromptPredictor, PromptPredictorConfig]:
     meta = json.load(f)
   cfg = PromptPredictorConfig.from_dict(meta["prompt_predictor"])
   model = PromptPredictor(cfg, rngs=nnx.Rngs(0))
-  tensors = load_file(os.path.join(path, "params.safetensors"))
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  names = {".".join(str(k) for k in key) for key, _ in flat}
-  if names != set(tensors):
-    raise ValueError(f"predictor params mismatch: missing {sorted(names - set(tensors))[:5]}, "
-                     f"unexpected {sorted(set(tensors) - names)[:5]}")
-  updated = []
-  for key, v in flat:
-    arr = tensors[".".join(str(k) for k in key)]
-    if arr.shape != v.shape:
-      raise ValueError(f"{key}: shape {arr.shape} != expected {v.shape}")
-    updated.append((key, jnp.asarray(arr)))
-  nnx.update(model, nnx.from_flat_state(updated))
+  weights = os.path.join(path, "params.safetensors")
+  load_flat_params(model, load_file(weights), what=weights)
   return model, cfg

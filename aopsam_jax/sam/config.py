@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Type, TypeVar
+
+C = TypeVar("C")
+
+
+def config_from_dict(cls: Type[C], d: Mapping[str, Any], what: str = "") -> C:
+  """Dataclass `cls` from a (JSON) dict: unknown keys raise ValueError naming
+  them; lists become tuples (JSON has no tuples, frozen configs need them
+  hashable).  Missing keys take the dataclass defaults."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"{what + ': ' if what else ''}unknown {cls.__name__} fields {unknown}")
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,19 +101,9 @@ class SamConfig:
   @classmethod
   def from_json(cls, text: str) -> "SamConfig":
     d = json.loads(text)
-    d["encoder_global_attn_indexes"] = tuple(d["encoder_global_attn_indexes"])
     if d.get("tiny_vit") is not None:
-      t = d["tiny_vit"]
-      unknown = set(t) - {f.name for f in dataclasses.fields(TinyViTConfig)}
-      if unknown:
-        raise ValueError(f"unknown TinyViTConfig fields {sorted(unknown)}")
-      d["tiny_vit"] = TinyViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in t.items()})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"unknown SamConfig fields {sorted(unknown)}")
-    return cls(**d)
+      d["tiny_vit"] = config_from_dict(TinyViTConfig, d["tiny_vit"])
+    return config_from_dict(cls, d)
 
 
 SAM_CONFIGS = {

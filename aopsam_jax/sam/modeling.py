@@ -587,5 +587,4 @@ class Sam(nnx.Module):
                              multimask_output)
 
 
-def count_params(model: nnx.Module) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+

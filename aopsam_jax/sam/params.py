@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig, TinyViTConfig
+from aopsam_jax.sam.flat_state import flat_params, load_flat_params, variable_value
 from aopsam_jax.sam.modeling import Sam
 
 FORMAT_VERSION = "1"
@@ -474,34 +475,9 @@ def read_converted(path: str) -> Tuple[SamConfig, Dict[str, np.ndarray], Dict[st
   return SamConfig.from_json(meta["sam_config"]), tensors, meta
 
 
-def _value(var):
-  return var.get_value() if hasattr(var, "get_value") else var.value  # flax >= / < 0.12
-
-
-def flat_params(module: nnx.Module) -> Dict[str, np.ndarray]:
-  """{dotted NNX path: numpy array} of a module's nnx.Param leaves (the
-  layout `save_converted` and the predictor's safetensors use)."""
-  return {".".join(str(k) for k in key): np.asarray(_value(v))
-          for key, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-
-
 def params_into_model(model: Sam, params: Mapping[str, np.ndarray]) -> Sam:
-  """Write flat Flax params into `model` (in place), checking keys and shapes."""
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  updated = []
-  for path, var in flat:
-    key = ".".join(str(p) for p in path)
-    if key not in params:
-      raise CheckpointError(f"weights file lacks parameter {key}")
-    value = np.asarray(params[key])
-    if tuple(value.shape) != tuple(var.shape):
-      raise CheckpointError(f"parameter {key}: file has {value.shape}, model needs {var.shape}")
-    updated.append((path, var.replace(jnp.asarray(value, jnp.float32))))
-  extra = sorted(set(params) - {".".join(str(p) for p in path) for path, _ in flat})
-  if extra:
-    raise CheckpointError(f"weights file has unknown parameters: {extra[:10]}")
-  nnx.update(model, nnx.from_flat_state(updated))
-  return model
+  """Write flat Flax params into `model` (in place, float32), checking keys and shapes."""
+  return load_flat_params(model, params, error=CheckpointError, dtype=jnp.float32)
 
 
 def build_model(cfg: SamConfig, params: Optional[Mapping[str, np.ndarray]] = None, *,
@@ -516,7 +492,7 @@ def build_model(cfg: SamConfig, params: Optional[Mapping[str, np.ndarray]] = Non
   model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
   params_into_model(model, params)
   leftover = [".".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model))
-              if isinstance(_value(v), jax.ShapeDtypeStruct)]
+              if isinstance(variable_value(v), jax.ShapeDtypeStruct)]
   if leftover:  # state outside nnx.Param would stay abstract
     raise CheckpointError(f"model state not filled from params: {leftover[:5]}")
   return model
