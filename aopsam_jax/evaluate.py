@@ -130,14 +130,17 @@ class Method:
   """One method's compiled program: compiled on the first image (that call's
   time, compilation included, is `first_call_s`), later calls timed."""
 
-  def __init__(self, lower, state, stats: MethodStats):
+  def __init__(self, lower, state, stats: MethodStats, name: str = "the program"):
     self.lower, self.state, self.stats = lower, state, stats
     self.compiled = None
+    self.name = name
 
   def __call__(self, dev_inputs):
     import jax
     s = self.stats
     if self.compiled is None:
+      from aopsam_jax import compile_cache
+      compile_cache.announce(self.name)
       t0 = time.perf_counter()
       self.compiled = self.lower(*dev_inputs).compile()
       s.memory = memory_of(self.compiled)
@@ -192,11 +195,12 @@ def build_methods(b, methods, stats: Dict[str, MethodStats]) -> Dict[str, Method
   out = {}
   for m in methods:
     if m == "aop":
-      out[m] = Method(lambda *d: pipeline.lower((gd, st), *d, cfg=cfg), st, stats[m])
+      out[m] = Method(lambda *d: pipeline.lower((gd, st), *d, cfg=cfg), st, stats[m],
+                      "the AoP-SAM program")
     else:
       acfg = amg_config(m)
       out[m] = Method(lambda *d, acfg=acfg: amg._generate_jit.lower(sam_gd, sam_st, *d, cfg=acfg),
-                      sam_st, stats[m])
+                      sam_st, stats[m], f"the {m.upper()} program")
   return out
 
 
@@ -485,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--asf", action="append", default=[],
                  help="AsfConfig override, e.g. --asf k_coarse=16 (repeatable)")
   p.add_argument("--out", default="benchmarks/results/eval_coco_tiny")
+  from aopsam_jax import compile_cache
+  compile_cache.add_flag(p)
   return p
 
 
@@ -505,6 +511,8 @@ def _main(argv) -> int:
     raise UsageError(f"--out {a.out} is a directory; give a path prefix (writes <out>.json, "
                      "<out>.md, <out>.png)")
   load_split(a.data, a.split, a.limit)  # a usage error here comes before any model work
+  from aopsam_jax import compile_cache
+  compile_cache.setup(a.no_compile_cache)
   from aopsam_jax.aop.bundle import parse_overrides
   try:
     over = parse_overrides(a.asf, "--asf")

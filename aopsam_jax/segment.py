@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from aopsam_jax import compile_cache
 from aopsam_jax.sam.config import SAM_CONFIGS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -425,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--negative", action="append", type=int, metavar="I",
                  help="mark the I-th --point (0-based) as background; repeatable")
   q.add_argument("--box", metavar="X0,Y0,X1,Y1", type=box_arg, help="prompt box in image pixels (XYXY)")
+  compile_cache.add_flag(p)
   return p
 
 
@@ -528,17 +530,30 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_EXTS)})")
   stems = output_stems(paths)
   check_out(args.out, stems, args.overwrite)
+  compile_cache.setup(args.no_compile_cache)
   try:
     session = MODES[args.mode](args)
   except (OSError, ValueError) as e:  # CheckpointError is a ValueError
     source = args.checkpoint or args.bundle or "the shipped bundle"
     raise WorkError(f"cannot load {source}: {e}") from None
+  session.run = compile_cache.announce_first_call(session.run, program_name(args))
   if session.random_sam:
     print(random_init_banner(args.mode, args.model_type), file=sys.stderr)
   if session.thresholds:
     print(f"thresholds: {describe_thresholds(session.thresholds)}", file=sys.stderr)
   written, failed = segment_all(args, session, paths, stems)
   return report(args.out, written, failed)
+
+
+def program_name(args) -> str:
+  """'the AoP-SAM program for sam_vit_b.safetensors', for the compiling notice."""
+  what = {"aop": "the AoP-SAM program", "amg": "the grid AMG program",
+          "prompt": "the SAM predictor"}[args.mode]
+  if args.checkpoint:
+    return f"{what} for {os.path.basename(args.checkpoint)}"
+  if args.mode == "aop":
+    return f"{what} for the bundle's SAM"
+  return f"{what} for random-init {args.model_type}"
 
 
 def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[str]

@@ -44,6 +44,8 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-d
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process (with --coordinator_address).")
+flags.DEFINE_bool("compile_cache", True, "Keep compiled programs on disk (aopsam_jax.compile_cache); "
+                  "--nocompile_cache turns it off.")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -173,6 +175,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- loop ------------------------------------------------------------------
   total = config.total_steps
+  if is_main:
+    from aopsam_jax import compile_cache
+    train_step = compile_cache.announce_first_call(train_step, "the train step",
+                                                   write=lambda line: tqdm.write(line))
   bar = tqdm(total=total, initial=start, disable=not is_main, desc="train", dynamic_ncols=True)
   t0, n0, last = time.perf_counter(), start, {}
   res = {}
@@ -234,6 +240,8 @@ def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 
 def main(argv):
   del argv
   import jax
+  from aopsam_jax import compile_cache
+  compile_cache.setup(not FLAGS.compile_cache)
   if FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
