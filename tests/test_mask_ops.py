@@ -158,7 +158,8 @@ def test_rle_matches_pycocotools():
   big = rng.uniform(size=(300, 500)) < 0.5  # long strings, negative deltas
   assert rle.encode(big)["counts"] == coco_mask.encode(np.asfortranarray(big.astype(np.uint8)))[
       "counts"].decode()
-  assert rle.string_to_counts(rle.encode(big)["counts"]) == rle.encode_uncompressed(big)[0]["counts"]
+  np.testing.assert_array_equal(rle.decode(rle.encode_uncompressed(big)[0]), big)
+  assert rle.compress(rle.encode_uncompressed(big)[0]) == rle.encode(big)
 
 
 def test_stability_upsampled_matches_materialised_upsampling():

@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage
 
 from aopsam_jax.data import targets as T
+from aopsam_jax.sam.rle import segmentation_to_mask
 from aopsam_jax.sam.transforms import get_preprocess_shape
 
 
@@ -29,21 +30,21 @@ def test_interior_point_matches_full_frame_edt(seed):
   assert d == pytest.approx(ref.max())
 
 
-def test_decode_mask_formats():
+def test_segmentation_to_mask_formats():
   h, w = 20, 30
-  poly = T.decode_mask([[5, 4, 15, 4, 15, 12, 5, 12]], h, w)
+  poly = segmentation_to_mask([[5, 4, 15, 4, 15, 12, 5, 12]], h, w)
   # pycocotools rasterises the polygon [5,15) x [4,12) (pixel-centre rule)
   ref = np.zeros((h, w), bool); ref[4:12, 5:15] = True
   assert np.abs(poly.astype(int) - ref).sum() <= 2 * (10 + 8)  # boundary pixels only
   from pycocotools import mask as mu
   rle = mu.encode(np.asfortranarray(ref.astype(np.uint8)))
-  np.testing.assert_array_equal(T.decode_mask(rle, h, w), ref)
+  np.testing.assert_array_equal(segmentation_to_mask(rle, h, w), ref)
   rle_s = dict(rle, counts=rle["counts"].decode())
-  np.testing.assert_array_equal(T.decode_mask(rle_s, h, w), ref)
+  np.testing.assert_array_equal(segmentation_to_mask(rle_s, h, w), ref)
   flat = ref.T.reshape(-1)
   change = np.flatnonzero(np.diff(flat.astype(int))) + 1
   counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
-  np.testing.assert_array_equal(T.decode_mask({"counts": counts, "size": [h, w]}, h, w), ref)
+  np.testing.assert_array_equal(segmentation_to_mask({"counts": counts, "size": [h, w]}, h, w), ref)
 
 
 def test_draw_gaussian_matches_formula():
@@ -77,7 +78,7 @@ def test_make_target_geometry():
   assert len(peaks) == 2
   want = []
   for a in anns[:2]:
-    m = T.decode_mask(a["segmentation"], h0, w0)
+    m = segmentation_to_mask(a["segmentation"], h0, w0)
     ref = ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
     iy, ix = np.unravel_index(np.argmax(ref), ref.shape)
     want.append((int((iy + 0.5) * ih / h0 / 4), int((ix + 0.5) * iw / w0 / 4)))

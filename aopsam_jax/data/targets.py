@@ -25,10 +25,10 @@ import dataclasses
 from typing import List, Sequence, Tuple
 
 import numpy as np
-from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from aopsam_jax.sam import geometry
+from aopsam_jax.sam.rle import segmentation_to_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +42,6 @@ class TargetConfig:
   @property
   def heatmap_size(self) -> int:
     return geometry.low_res_size(self.img_size)
-
-
-def decode_mask(segmentation, h: int, w: int) -> np.ndarray:
-  """COCO segmentation (polygons, uncompressed or compressed RLE) -> (h, w) bool."""
-  if isinstance(segmentation, list):
-    rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-  elif isinstance(segmentation.get("counts"), list):
-    rle = mask_utils.frPyObjects(segmentation, h, w)
-  else:
-    rle = dict(segmentation)
-    if isinstance(rle["counts"], str):
-      rle["counts"] = rle["counts"].encode()
-  return mask_utils.decode(rle).astype(bool)
 
 
 def interior_point(mask: np.ndarray) -> Tuple[float, float, float]:
@@ -111,7 +98,7 @@ def instance_points(annotations: List[dict], h0: int, w0: int, cfg: TargetConfig
   sx, sy = iw / w0, ih / h0
   points, crowd = [], []
   for n, a in enumerate(annotations):
-    m = decode_mask(a["segmentation"], h0, w0)
+    m = segmentation_to_mask(a["segmentation"], h0, w0)
     if a.get("iscrowd", 0):
       crowd.append(m)
       continue

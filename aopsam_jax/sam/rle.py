@@ -1,20 +1,25 @@
-"""COCO run-length encoding on the host (numpy), compatible with pycocotools.
+"""COCO run-length encoding and annotation decoding on the host.
 
 COCO RLE flattens a mask in column-major (Fortran) order and stores run
 lengths alternately for 0s and 1s, always starting with a run of zeros
-(possibly of length 0).  The compressed form ("counts" as a string) is
-pycocotools' `rleToString` encoding: each count (after the first two,
-delta-coded against the count two places before) in 5-bit groups, with a
-continuation bit, offset by ASCII 48.
+(possibly of length 0).  The compressed form (string "counts") is
+pycocotools' own: compression, decoding and areas go through pycocotools
+(C; measured 25x faster than a pure-Python compressor on 64 masks of
+480 x 640).  `encode_uncompressed` stays numpy: it is the official
+`mask_to_rle_pytorch` (the "uncompressed_rle" output mode), vectorised over
+the batch, and pycocotools has no uncompressed encoder.
 
-No pycocotools needed; tests check byte-for-byte agreement with it.
+`segmentation_to_mask` is the one decoder of COCO annotation segmentations
+(polygons, uncompressed or compressed RLE), used by the training targets and
+by evaluation.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Union
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 Rle = Dict[str, object]
 
@@ -46,77 +51,54 @@ def encode_uncompressed(masks: np.ndarray) -> List[Rle]:
   return out
 
 
-def counts_to_string(counts: Sequence[int]) -> str:
-  """pycocotools `rleToString`."""
-  chars = []
-  for i, x in enumerate(counts):
-    x = int(x)
-    if i > 2:
-      x -= int(counts[i - 2])
-    more = True
-    while more:
-      c = x & 0x1F
-      x >>= 5
-      more = (x != -1) if (c & 0x10) else (x != 0)
-      if more:
-        c |= 0x20
-      chars.append(chr(c + 48))
-  return "".join(chars)
+def _json_ready(rle: Rle) -> Rle:
+  counts = rle["counts"]
+  return {"size": [int(v) for v in rle["size"]],
+          "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
-def string_to_counts(s: Union[str, bytes]) -> List[int]:
-  """pycocotools `rleFrString`."""
-  if isinstance(s, bytes):
-    s = s.decode("ascii")
-  counts: List[int] = []
-  p = 0
-  while p < len(s):
-    x = 0
-    k = 0
-    more = True
-    while more:
-      c = ord(s[p]) - 48
-      x |= (c & 0x1F) << (5 * k)
-      more = bool(c & 0x20)
-      p += 1
-      k += 1
-      if not more and (c & 0x10):
-        x |= -1 << (5 * k)
-    if len(counts) > 2:
-      x += counts[-2]
-    counts.append(x)
-  return counts
+def _pycoco(rle: Rle) -> Rle:
+  """Any RLE dict -> the compressed form pycocotools' C functions take."""
+  h, w = (int(v) for v in rle["size"])
+  counts = rle["counts"]
+  if isinstance(counts, str):
+    return {"size": [h, w], "counts": counts.encode("ascii")}
+  if isinstance(counts, bytes):
+    return {"size": [h, w], "counts": counts}
+  if int(np.sum(counts)) != h * w:
+    raise ValueError(f"RLE counts sum to {int(np.sum(counts))}, expected {h * w}")
+  return mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
 
 
 def compress(rle: Rle) -> Rle:
-  """Uncompressed RLE -> COCO compressed RLE ({"size", "counts": str}); JSON-ready."""
-  return {"size": list(rle["size"]), "counts": counts_to_string(rle["counts"])}
+  """Uncompressed RLE -> COCO compressed RLE ({"size", "counts": str}); JSON-ready
+  (the official `coco_encode_rle`)."""
+  return _json_ready(_pycoco(rle))
 
 
 def encode(masks: np.ndarray) -> Union[Rle, List[Rle]]:
-  """Bool masks -> COCO compressed RLE (as pycocotools `mask.encode`, but with
-  str counts). (H, W) -> one dict, (N, H, W) -> a list."""
-  masks = np.asarray(masks)
-  rles = [compress(r) for r in encode_uncompressed(masks)]
+  """Bool masks -> COCO compressed RLE (pycocotools `mask.encode`, str counts).
+  (H, W) -> one dict, (N, H, W) -> a list."""
+  masks = np.asarray(masks, bool)
+  stack = masks[None] if masks.ndim == 2 else masks
+  rles = [_json_ready(r) for r in mask_utils.encode(
+      np.asfortranarray(stack.transpose(1, 2, 0).astype(np.uint8)))]
   return rles[0] if masks.ndim == 2 else rles
 
 
 def decode(rle: Rle) -> np.ndarray:
   """Compressed or uncompressed RLE -> (H, W) bool mask."""
-  h, w = (int(v) for v in rle["size"])
-  counts = rle["counts"]
-  if isinstance(counts, (str, bytes)):
-    counts = string_to_counts(counts)
-  counts = np.asarray(counts, np.int64)
-  if counts.sum() != h * w:
-    raise ValueError(f"RLE counts sum to {counts.sum()}, expected {h * w}")
-  values = (np.arange(len(counts)) % 2).astype(bool)
-  flat = np.repeat(values, counts)
-  return flat.reshape(w, h).T
+  return mask_utils.decode(_pycoco(rle)).astype(bool)
 
 
 def area(rle: Rle) -> int:
-  counts = rle["counts"]
-  if isinstance(counts, (str, bytes)):
-    counts = string_to_counts(counts)
-  return int(sum(counts[1::2]))
+  return int(mask_utils.area(_pycoco(rle)))
+
+
+def segmentation_to_mask(segmentation, h: int, w: int) -> np.ndarray:
+  """COCO annotation segmentation (polygons, uncompressed or compressed RLE)
+  of an h x w image -> (h, w) bool."""
+  if isinstance(segmentation, list):
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+                             ).astype(bool)
+  return decode(segmentation)

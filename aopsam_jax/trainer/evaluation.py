@@ -21,7 +21,8 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from aopsam_jax.data.targets import TargetConfig, decode_mask
+from aopsam_jax.data.targets import TargetConfig
+from aopsam_jax.sam.rle import segmentation_to_mask
 from aopsam_jax.sam.geometry import heatmap_to_original, input_hw
 
 
@@ -42,7 +43,7 @@ class ImageGT:
     self.h0, self.w0 = h0, w0
     gt, other = [], []
     for a in anns:
-      m = decode_mask(a["segmentation"], h0, w0)
+      m = segmentation_to_mask(a["segmentation"], h0, w0)
       if not a.get("iscrowd", 0) and m.sum() * s >= cfg.min_area:
         gt.append(m)
       else:
