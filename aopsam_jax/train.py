@@ -10,9 +10,10 @@ auto-detects TPU pods / SLURM), or give ``--coordinator_address host:port
 one machine are tested).
 
 What happens:
-  * data: each `config.data.train` dataset is converted once to TFDS
-    array_record (process 0), read with `tfds.data_source` + grain; every
-    process reads only its slice of each global batch (`data.pipeline`).
+  * data: each selected dataset split is converted once per source
+    fingerprint to array_record files in `config.data.dir` (all processes
+    in parallel, `data.records`), read with grain; every process reads only
+    its slice of each global batch (`data.pipeline`).
   * SAM's image encoder is frozen: embeddings are computed inside the jitted
     step (``config.embeddings='online'``, accelerators) or once into an
     on-disk cache keyed by the encoder weights (``'cache'``, CPUs).
@@ -95,19 +96,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- data ---------------------------------------------------------------------
   target_cfg = TargetConfig(img_size=sam.config.img_size, **config.targets)
-  if is_main:  # build TFDS records / caches once, then let the others read them
-    for sel in (config.data.train, config.data.val):
-      data_setup.make_split(config.data, sel, mode, target_cfg, sam=sam, fingerprint=fingerprint,
-                            progress=True)
-  if pcount > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("data_prepared")
+  # every process prepares its share of the records / cache shards (data.records)
+  par = dict(process_index=pidx, process_count=pcount, barrier=data_setup.barrier_fn(pcount),
+             progress=is_main)
   aug_cfg = config_from_dict(AugmentConfig, dict(config.data.get("augment", {})), "data.augment")
   train_src, train_tr = data_setup.make_split(config.data, config.data.train, mode, target_cfg,
-                                              sam=sam, fingerprint=fingerprint, is_writer=False,
-                                              augment=aug_cfg)
+                                              sam=sam, fingerprint=fingerprint, augment=aug_cfg, **par)
   val_src, val_tr = data_setup.make_split(config.data, config.data.val, mode, target_cfg,
-                                          sam=sam, fingerprint=fingerprint, is_writer=False)
+                                          sam=sam, fingerprint=fingerprint, **par)
   train_ds = pipeline.train_dataset(train_src, train_tr, gbatch, config.data.seed, pidx, pcount,
                                     worker_count=config.data.worker_count)
   train_iter = iter(train_ds)

@@ -12,6 +12,7 @@ TPU pod (same command on every host, e.g. via
   python -m aopsam_jax.train --multihost --config configs/coco2017_vit_h.py \
       --workdir gs://BUCKET/aopsam/pp_coco_vit_h \
       --config.data.sources.coco2017.dir=/data/coco \
+      --config.data.dir=/mnt/shared/aopsam_records \
       --config.sam.checkpoint=/data/sam_vit_h.safetensors
 
 Single multi-GPU host: drop --multihost.  LVIS: add a source with
@@ -34,7 +35,10 @@ def get_config():
   c.data.train = "coco2017:train"
   c.data.val = "coco2017:val"
   c.data.worker_count = 16
-  c.data.memo_targets = False
+  # prepared records (~19 GB), written in parallel by all hosts: shared storage
+  # (a gcsfuse / NFS / Filestore mount, or gs:// where array_record reads it)
+  c.data.dir = "/data/aopsam_records"
+  c.data.memo_targets = 0                # an epoch is 118k images: no memo
   c.data.augment.hflip = 0.5             # online mode encodes the flipped image itself
   c.sam = dict(model="vit_h", checkpoint="/data/sam_vit_h.safetensors", seed=0)
   c.embeddings = "online"

@@ -33,11 +33,12 @@ def get_config():
       sources=sources(),
       train="coco_tiny:train,coco128:train",
       val="coco_tiny:val",
-      tfds_dir="~/tensorflow_datasets",
-      cache_dir="~/.cache/aopsam_jax/embeddings",
+      # prepared array_record files (data.records); on a pod: storage every host sees
+      dir="~/aopsam_data/records",
+      cache_dir="~/.cache/aopsam_jax/embeddings",   # bfloat16, ~2.4 MiB per image
       seed=0,
       worker_count=0,
-      memo_targets=True,
+      memo_targets=512,                  # LRU of 512 targets (~256 MiB); 0 = off
       # see aopsam_jax/data/augment.py (cache mode flips the cached embedding too)
       augment=dict(hflip=0.0, brightness=0.0, contrast=0.0, saturation=0.0),
   )

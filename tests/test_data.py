@@ -1,4 +1,4 @@
-"""COCO TFDS builder, YOLO converter and grain pipeline on synthetic data."""
+"""COCO preparation (array_record), YOLO converter and grain pipeline on synthetic data."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from aopsam_jax.data import coco, pipeline, yolo
+from aopsam_jax.data import coco, pipeline, records, yolo
 from aopsam_jax.data.targets import TargetConfig
 
 
@@ -68,8 +68,7 @@ def make_synthetic_coco(root, n_images=6, seed=0, missing=(), empty=(2,), size=(
 
 def test_builder_roundtrip(tmp_path):
   root, splits = make_synthetic_coco(str(tmp_path / "src"), missing=(4,))
-  tfds_dir = coco.prepare("synth", root, str(tmp_path / "tfds"), splits)
-  src = coco.data_source("synth", tfds_dir, "train")
+  src = records.RecordSource(records.prepare("synth", root, str(tmp_path / "rec"), splits)["train"])
   ref = json.load(open(os.path.join(root, "annotations", "instances.json")))
   # image 104 is missing on disk -> skipped; the empty image 102 is kept
   assert len(src) == 5
@@ -90,16 +89,16 @@ def test_builder_roundtrip(tmp_path):
 def test_bad_inputs(tmp_path):
   root, splits = make_synthetic_coco(str(tmp_path / "src"), missing=(1,))
   with pytest.raises(coco.DatasetError, match="not found"):
-    coco.prepare("x1", root, str(tmp_path / "t1"), {"train": ("annotations/nope.json", "images")})
+    records.prepare("x1", root, str(tmp_path / "t1"), {"train": ("annotations/nope.json", "images")})
   bad = tmp_path / "src" / "annotations" / "bad.json"
   bad.write_text('{"images": [')
   with pytest.raises(coco.DatasetError, match="not valid JSON"):
-    coco.prepare("x2", root, str(tmp_path / "t2"), {"train": ("annotations/bad.json", "images")})
+    records.prepare("x2", root, str(tmp_path / "t2"), {"train": ("annotations/bad.json", "images")})
   bad.write_text('{"images": {}}')
   with pytest.raises(coco.DatasetError, match="COCO instances format"):
-    coco.prepare("x3", root, str(tmp_path / "t3"), {"train": ("annotations/bad.json", "images")})
+    records.prepare("x3", root, str(tmp_path / "t3"), {"train": ("annotations/bad.json", "images")})
   with pytest.raises(coco.DatasetError, match="file missing"):
-    coco.prepare("x4", root, str(tmp_path / "t4"), splits, on_missing_image="error")
+    records.prepare("x4", root, str(tmp_path / "t4"), splits, on_missing_image="error")
   # malformed annotation entry: skipped by default, error on request
   d = json.load(open(os.path.join(root, "annotations", "instances.json")))
   d["annotations"].append({"image_id": 100, "segmentation": "garbage"})
@@ -112,8 +111,7 @@ def test_bad_inputs(tmp_path):
   # corrupt image bytes -> skipped
   with open(os.path.join(root, "images", "000100.png"), "wb") as f:
     f.write(b"not a png")
-  tfds_dir = coco.prepare("x5", root, str(tmp_path / "t5"), splits)
-  src = coco.data_source("x5", tfds_dir, "train")
+  src = records.RecordSource(records.prepare("x5", root, str(tmp_path / "t5"), splits)["train"])
   assert sorted(int(src[i]["image_id"]) for i in range(len(src))) == [102, 103, 104, 105]
 
 
@@ -190,8 +188,7 @@ def test_eval_dataset_padding():
 
 def test_example_transform_online(tmp_path):
   root, splits = make_synthetic_coco(str(tmp_path / "src"), n_images=2)
-  tfds_dir = coco.prepare("synth", root, str(tmp_path / "tfds"), splits)
-  src = coco.data_source("synth", tfds_dir, "train")
+  src = records.RecordSource(records.prepare("synth", root, str(tmp_path / "rec"), splits)["train"])
   ex = pipeline.ExampleTransform(TargetConfig())(src[0])
   assert ex["image"].shape == (1024, 1024, 3) and ex["image"].dtype == np.uint8
   h, w = int(src[0]["height"]), int(src[0]["width"])
@@ -207,6 +204,6 @@ def test_shared_coco_tiny(tmp_path):
   root = os.path.join(shared_data_dir(), "coco_tiny")
   if not os.path.isdir(root):
     pytest.skip("shared coco_tiny not available")
-  tfds_dir = coco.prepare("coco_tiny", root, str(tmp_path), {
+  d = records.prepare("coco_tiny", root, str(tmp_path), {
       "val": ("annotations/instances_val2017.json", "val2017")})
-  assert len(coco.data_source("coco_tiny", tfds_dir, "val")) == 80
+  assert len(records.RecordSource(d["val"])) == 80

@@ -29,7 +29,7 @@ def make_config(data_root, tmp, **over):
       "train": ["annotations/instances.json", "images"],
       "val": ["annotations/instances.json", "images"]}}}
   c.data.train, c.data.val = "synth:train", "synth:val"
-  c.data.tfds_dir = os.path.join(tmp, "tfds")
+  c.data.dir = os.path.join(tmp, "records")
   c.data.cache_dir = os.path.join(tmp, "cache")
   c.model.img_channels, c.model.embed_proj, c.model.hidden = (4, 8, 8), 8, 8
   c.model.dec_channels, c.model.norm_groups = (8, 4), 4

@@ -1,4 +1,4 @@
-"""grain input pipeline over TFDS array_record sources.
+"""grain input pipeline over prepared array_record sources (`records`).
 
 Global batch order is independent of the number of processes: one global
 stream of record indices (shuffled per epoch with `seed`, repeated) is cut
@@ -17,19 +17,23 @@ longest side -> 1024) and zero padding, the prompt target and loss weight
   * online mode: ``image`` (1024,1024,3) uint8 + ``input_hw`` for the
     in-step SAM encoder, or
   * cache mode: ``embedding`` (64,64,256) + ``image_small`` (256,256,3) from
-    an `EmbeddingCache` (the image is not even decoded).
+    an `embedding_cache.EmbeddingCache` (the image is not even decoded).
+
+Targets can be kept in a bounded LRU (`TargetMemo`, ``memo_targets``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
-from typing import Any, Dict, Optional
+import threading
+from typing import Any, Optional
 
 import grain
 import numpy as np
 
-from aopsam_jax.sam import transforms
+from aopsam_jax.sam import geometry, transforms
 from aopsam_jax.data import augment as augment_lib
 from aopsam_jax.data import coco
 from aopsam_jax.data.targets import TargetConfig, make_target
@@ -57,17 +61,65 @@ class ProcessShard(grain.MapDataset):
     return f"ProcessShard(global_batch={self._g}, process={self._p})"
 
 
+class TargetMemo:
+  """Thread-safe LRU of computed targets, at most `capacity` images.
+
+  A target (heatmap + weight, 256 x 256 float32) is 0.5 MiB: the default
+  512 images hold ~256 MiB.  Worth it only when the same images come back
+  often (small datasets, many epochs); off (0) at COCO scale, where an epoch
+  is longer than any affordable memo.
+  """
+
+  def __init__(self, capacity: int):
+    self.capacity = int(capacity)
+    self._d: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key, compute):
+    if self.capacity <= 0:
+      return compute()
+    with self._lock:
+      if key in self._d:
+        self._d.move_to_end(key)
+        return self._d[key]
+    v = compute()
+    with self._lock:
+      self._d[key] = v
+      while len(self._d) > self.capacity:
+        self._d.popitem(last=False)
+    return v
+
+  def __len__(self):
+    return len(self._d)
+
+  def __getstate__(self):  # grain workers start empty
+    return {"capacity": self.capacity}
+
+  def __setstate__(self, d):
+    self.__init__(d["capacity"])
+
+
+DEFAULT_MEMO = 512
+
+
+def memo_capacity(memo_targets) -> int:
+  """Config value -> LRU size: True -> DEFAULT_MEMO, False / 0 -> off, n -> n images."""
+  if memo_targets is True:
+    return DEFAULT_MEMO
+  return max(0, int(memo_targets or 0))
+
+
 @dataclasses.dataclass
 class ExampleTransform:
   target_cfg: TargetConfig
   mode: str = "online"          # "online" | "cache"
-  cache: Any = None             # EmbeddingCache for mode == "cache"
-  memo_targets: bool = False    # keep computed targets in memory (small datasets)
+  cache: Any = None             # cache mode: has lookup_rec(rec) -> (embedding, image_small)
+  memo_targets: Any = False     # LRU of targets: False/0 off, True (DEFAULT_MEMO) or n images
   augment: Optional[augment_lib.AugmentConfig] = None  # training only (see augment.py)
   augment_seed: int = 0
 
   def __post_init__(self):
-    self._memo: Dict[int, Any] = {}
+    self._memo = TargetMemo(memo_capacity(self.memo_targets))
 
   @property
   def augments(self) -> bool:
@@ -82,23 +134,21 @@ class ExampleTransform:
     return augment_lib.augment_example(out, self.augment, rng, out["input_hw"],
                                        self.target_cfg.img_size)
 
-  def target(self, iid, anns, h, w):
-    if self.memo_targets and iid in self._memo:
-      return self._memo[iid]
-    t = make_target(anns, h, w, self.target_cfg)
-    if self.memo_targets:
-      self._memo[iid] = t
-    return t
+  def target(self, rec, h, w):
+    def compute():
+      anns = rec["annotations"]
+      anns = json.loads(anns.decode() if isinstance(anns, bytes) else anns)
+      return make_target(anns, h, w, self.target_cfg)
+    return self._memo.get((rec.get("_source", 0), int(rec["image_id"])), compute)
 
   def __call__(self, rec) -> dict:
     iid = int(rec["image_id"])
     h, w = int(rec["height"]), int(rec["width"])
-    anns = rec["annotations"]
-    anns = json.loads(anns.decode() if isinstance(anns, bytes) else anns)
-    heat, weight = self.target(iid, anns, h, w)
+    heat, weight = self.target(rec, h, w)
     out = {"image_id": np.int64(iid), "target": heat, "weight": weight}
-    if self.mode == "cache":
-      out["embedding"], out["image_small"] = self.cache.lookup(iid)
+    if self.mode == "cache":  # the image is not even decoded
+      out["embedding"], out["image_small"] = self.cache.lookup_rec(rec)
+      out["input_hw"] = np.asarray(geometry.input_hw(h, w, self.target_cfg.img_size), np.int32)
     else:
       d = coco.decode_record(rec)
       padded, input_hw, _ = transforms.prepare_image(d["image"], self.target_cfg.img_size)

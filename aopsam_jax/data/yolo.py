@@ -14,6 +14,7 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 
 from aopsam_jax.data.coco import DatasetError
 
@@ -56,7 +57,7 @@ def yolo_to_coco(images_dir: str, labels_dir: str, out_json: str) -> dict:
                      "segmentation": [[round(float(v), 2) for v in xy.reshape(-1)]]})
   d = {"images": images, "annotations": anns,
        "categories": [{"id": i + 1, "name": f"class_{i}"} for i in range(80)]}
-  os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-  with open(out_json, "w") as f:
-    json.dump(d, f)
+  out = epath.Path(out_json)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(d))
   return d

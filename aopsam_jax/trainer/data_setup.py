@@ -1,23 +1,32 @@
-"""From `config.data` to prepared TFDS sources, embedding caches and transforms.
+"""From `config.data` to prepared record sources, embedding caches and transforms.
 
 `config.data.sources` names datasets: ``{name: {format: 'coco'|'yolo', dir,
 splits: {split: [ann json, image dir]}}}`` (paths relative to `dir`; for
 'yolo', ``[labels dir, image dir]``).  `config.data.train` / `.val` select
-``"name:split[,name:split...]"``.
+``"name:split[,name:split...]"``.  Prepared records go to `config.data.dir`
+(any `etils.epath` path; on a pod, storage every host sees), keyed by a
+fingerprint of each split's source (`data.records`).
+
+Every process calls `make_split` with its index, the process count and a
+barrier: the records (and the embedding cache) are written in parallel,
+each process its share of the shards.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Tuple
+import uuid
+from typing import Dict, List, Optional, Tuple
 
 import grain
 import numpy as np
+from etils import epath
 
-from aopsam_jax.data import coco, yolo
+from aopsam_jax.data import coco, records, yolo
+from aopsam_jax.data.coco import DatasetError
+from aopsam_jax.data.embedding_cache import MultiCache
 from aopsam_jax.data.pipeline import ExampleTransform
-from aopsam_jax.sam.transforms import get_preprocess_shape
 
 
 def parse_selection(sel: str) -> List[Tuple[str, str]]:
@@ -32,30 +41,46 @@ def parse_selection(sel: str) -> List[Tuple[str, str]]:
   return out
 
 
-def prepare_source(data_cfg, name: str, is_writer: bool = True) -> str:
-  """Build `coco_instances/<name>` once (process 0); returns the TFDS dir."""
-  tfds_dir = os.path.abspath(os.path.expanduser(data_cfg.tfds_dir))
+def data_dir(data_cfg) -> str:
+  """`config.data.dir`, ~ expanded for local paths."""
+  d = data_cfg.get("dir", None)
+  if not d:
+    raise ValueError("config.data.dir is not set (where prepared records go)")
+  return d if not records.is_local(d) else os.path.abspath(os.path.expanduser(d))
+
+
+def _yolo_json(out_dir: epath.Path, split: str, root: str, labels: str, images: str) -> str:
+  """Convert once per labels/images listing; every process may do it (atomic, identical)."""
+  key = coco.listing_fingerprint(os.path.join(root, labels), os.path.join(root, images))[:16]
+  out = out_dir / f"{split}-{key}.json"
+  if not out.exists():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    yolo.yolo_to_coco(os.path.join(root, images), os.path.join(root, labels), os.fspath(tmp))
+    tmp.rename(out)
+  return os.fspath(out)
+
+
+def prepare_source(data_cfg, name: str, split: str, *, process_index: int = 0,
+                   process_count: int = 1, barrier=None, progress: bool = False) -> str:
+  """Prepare one `name:split` (once per source fingerprint); returns its directory."""
   if name not in data_cfg.sources:
     raise ValueError(f"unknown dataset {name!r}; config.data.sources has {sorted(data_cfg.sources)}")
   src = data_cfg.sources[name]
-  root = os.path.abspath(os.path.expanduser(src["dir"]))
-  splits = {k: tuple(v) for k, v in dict(src["splits"]).items()}
-  if not is_writer:
-    return tfds_dir
+  splits = dict(src["splits"])
+  if split not in splits:
+    raise ValueError(f"dataset {name!r} has no split {split!r} (it has {sorted(splits)})")
+  root = os.path.abspath(os.path.expanduser(src["dir"])) if records.is_local(src["dir"]) else src["dir"]
+  ann, images = splits[split]
+  out = data_dir(data_cfg)
   if src.get("format", "coco") == "yolo":
-    conv = {}
-    for split, (labels, images) in splits.items():
-      out = os.path.join(tfds_dir, "_converted", name, f"{split}.json")
-      if not os.path.exists(out):
-        tmp = out + ".tmp"
-        yolo.yolo_to_coco(os.path.join(root, images), os.path.join(root, labels), tmp)
-        os.replace(tmp, out)
-      conv[split] = (out, os.path.join(root, images))
-    splits = conv
-  coco.prepare(name, root, tfds_dir, splits,
-               on_missing_image=src.get("on_missing_image", "skip"),
-               on_bad_annotation=src.get("on_bad_annotation", "skip"))
-  return tfds_dir
+    ann = _yolo_json(epath.Path(out) / name / "_converted", split, root, ann, images)
+  return records.prepare_split(
+      name, split, root, ann, images, out,
+      on_missing_image=src.get("on_missing_image", "skip"),
+      on_bad_annotation=src.get("on_bad_annotation", "skip"),
+      process_index=process_index, process_count=process_count, barrier=barrier,
+      progress=progress)
 
 
 class Concat(grain.MapDataset):
@@ -82,73 +107,32 @@ class Concat(grain.MapDataset):
     return f"Concat({len(self._sources)})"
 
 
-class MultiCache:
-  """Routes `lookup` to the per-source `EmbeddingCache` via ``_source``."""
-
-  def __init__(self, caches):
-    self.caches = caches
-
-  def lookup_rec(self, rec):
-    return self.caches[rec.get("_source", 0)].lookup(int(rec["image_id"]))
-
-
-class CacheTransform(ExampleTransform):
-
-  def __call__(self, rec):
-    iid = int(rec["image_id"])
-    anns = rec["annotations"]
-    anns = json.loads(anns.decode() if isinstance(anns, bytes) else anns)
-    h, w = int(rec["height"]), int(rec["width"])
-    heat, weight = self.target(iid, anns, h, w)
-    emb, small = self.cache.lookup_rec(rec)
-    hw = np.asarray(get_preprocess_shape(h, w, self.target_cfg.img_size), np.int32)
-    return self.maybe_augment(rec, {"image_id": np.int64(iid), "target": heat, "weight": weight,
-                                    "embedding": emb, "image_small": small, "input_hw": hw})
-
-
-def build_cache(cache_root, fingerprint, name, split, source, encode, sam_cfg, progress):
-  from aopsam_jax.sam import transforms
-  from aopsam_jax.trainer.embed_cache import EmbeddingCache
-  cache = EmbeddingCache(cache_root, fingerprint, f"{name}_{split}")
-  if not cache.complete:
-    def gen():
-      for i in range(len(source)):
-        d = coco.decode_record(source[i])
-        padded, hw, _ = transforms.prepare_image(d["image"], sam_cfg.img_size)
-        yield d["image_id"], padded, hw
-    e = sam_cfg.embed_size
-    cache.build(gen(), len(source), encode, (e, e, sam_cfg.prompt_embed_dim),
-                (4 * e, 4 * e, 3), progress=progress)
-  return cache
-
-
 def make_split(data_cfg, selection: str, mode: str, target_cfg, *, sam=None, fingerprint=None,
-               is_writer=True, progress=False, augment=None):
+               process_index: int = 0, process_count: int = 1, barrier=None,
+               progress: bool = False, augment=None):
   """-> (random-access source, transform) for a selection of name:split.
 
-  `augment`: an `AugmentConfig` for the training split (None: no augmentation),
-  seeded with ``data_cfg.seed``.
+  All processes call it (see module doc).  `augment`: an `AugmentConfig` for
+  the training split (None: no augmentation), seeded with ``data_cfg.seed``.
   """
   sources, caches = [], []
   encode = None
+  par = dict(process_index=process_index, process_count=process_count, barrier=barrier)
   for name, split in parse_selection(selection):
-    tfds_dir = prepare_source(data_cfg, name, is_writer)
-    src = coco.data_source(name, tfds_dir, split)
+    src = records.RecordSource(prepare_source(data_cfg, name, split, progress=progress, **par))
+    if len(src) == 0:
+      raise DatasetError(f"dataset {name}:{split} has no usable images (see the warnings above)")
     sources.append(src)
     if mode == "cache":
+      from aopsam_jax.trainer.embed_cache import build_cache, make_encode_fn
       if encode is None:
-        from aopsam_jax.trainer.embed_cache import make_encode_fn
         encode = make_encode_fn(sam)
-      caches.append(build_cache(data_cfg.cache_dir, fingerprint, name, split, src, encode,
-                                sam.config, progress))
+      caches.append(build_cache(data_cfg.cache_dir, fingerprint, f"{name}_{split}", src, encode,
+                                sam.config, progress=progress, **par))
   source = sources[0] if len(sources) == 1 and mode != "cache" else Concat(sources)
-  if mode == "cache":
-    tr = CacheTransform(target_cfg, mode="cache", cache=MultiCache(caches),
+  tr = ExampleTransform(target_cfg, mode=mode, cache=MultiCache(caches) if mode == "cache" else None,
                         memo_targets=data_cfg.memo_targets, augment=augment,
                         augment_seed=data_cfg.seed)
-  else:
-    tr = ExampleTransform(target_cfg, mode="online", memo_targets=data_cfg.memo_targets,
-                          augment=augment, augment_seed=data_cfg.seed)
   return source, tr
 
 
@@ -161,3 +145,11 @@ def annotations_of(source) -> Dict[int, tuple]:
     out[int(r["image_id"])] = (json.loads(a.decode() if isinstance(a, bytes) else a),
                                int(r["height"]), int(r["width"]))
   return out
+
+
+def barrier_fn(process_count: int) -> Optional[records.Barrier]:
+  """A barrier over all JAX processes (None for one process)."""
+  if process_count <= 1:
+    return None
+  from jax.experimental import multihost_utils
+  return lambda name: multihost_utils.sync_global_devices(name)

@@ -1,109 +1,136 @@
-"""On-disk cache of frozen SAM image embeddings (for CPU training).
+"""Building the on-disk cache of frozen SAM image embeddings (for CPU training).
 
-Keyed by a fingerprint of the image-encoder weights (SHA-256 over the SAM
-config and every encoder parameter) and a namespace (dataset/split).  Layout::
-
-  <root>/<fingerprint[:16]>/<namespace>/
-      embeddings.npy   (N, 64, 64, 256) float32   `predictor_inputs(...)[0]`
-      image_small.npy  (N, 256, 256, 3) float32   `predictor_inputs(...)[1]`
-      ids.json         {"fingerprint": ..., "image_ids": [...]}  (row order)
-
-Arrays are written to temporary names and renamed, ids.json last, so a killed
-build leaves no half cache and concurrent builders (several processes on one
-machine) are safe.  Reads are memory-mapped.
+The layout and the reader are in `aopsam_jax.data.embedding_cache`; this
+module runs the encoder.  Before writing anything the builder estimates the
+cache's size and refuses (`CacheTooLarge`) when the disk cannot hold it.
+Every shard is written to temporary names and renamed, its id list last, and
+``meta.json`` after all shards: a killed build leaves no half cache and
+resumes at the first unfinished shard.  The processes of a pod build their
+shards in parallel (shard s by process ``s % count``), process 0 writes
+``meta.json``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import uuid
-from typing import Callable, Iterable, Sequence, Tuple
+from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.sam.params import encoder_fingerprint  # noqa: F401  (re-exported)
 from aopsam_jax.aop.prompt_predictor import predictor_inputs
+from aopsam_jax.data import coco, records
+from aopsam_jax.data import embedding_cache as ec
+from aopsam_jax.data.coco import DatasetError
+from aopsam_jax.sam import transforms
+from aopsam_jax.sam.params import encoder_fingerprint  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+_HEADROOM = 1 << 30  # keep 1 GiB free beside the cache
+
+
+class CacheTooLarge(DatasetError):
+  """The embedding cache would not fit on its disk."""
 
 
 def make_encode_fn(sam) -> Callable:
-  """jitted (padded uint8 (B,S,S,3), input_hw (B,2)) -> (embedding, image_small)."""
+  """jitted (padded uint8 (B,S,S,3), input_hw (B,2)) -> (embedding, image_small), bfloat16."""
   graphdef, state = nnx.split(sam.image_encoder)
 
   @jax.jit
   def f(state, padded, input_hw):
-    return predictor_inputs(nnx.merge(graphdef, state), padded, input_hw)
+    emb, small = predictor_inputs(nnx.merge(graphdef, state), padded, input_hw)
+    return emb.astype(jnp.bfloat16), small.astype(jnp.bfloat16)
 
   return lambda padded, hw: f(state, padded, hw)
 
 
-class EmbeddingCache:
+def _free_bytes(path: str) -> int:
+  p = os.path.abspath(path)
+  while not os.path.exists(p):
+    p = os.path.dirname(p)
+  return shutil.disk_usage(p).free
 
-  def __init__(self, root: str, fingerprint: str, namespace: str):
-    self.dir = os.path.join(os.path.expanduser(root), fingerprint[:16], namespace)
-    self.fingerprint = fingerprint
-    self._rows = None
-    self._emb = None
-    self._small = None
 
-  @property
-  def complete(self) -> bool:
-    return os.path.isfile(os.path.join(self.dir, "ids.json"))
+def check_disk(directory: str, count: int, per_image: int, what: str) -> int:
+  """Logs the estimate; raises `CacheTooLarge` when the free space is short."""
+  need = count * per_image
+  free = _free_bytes(directory)
+  log.info("embedding cache %s: %d images x %.2f MiB = %.2f GiB at %s (%.1f GiB free)",
+           what, count, per_image / 2**20, need / 2**30, directory, free / 2**30)
+  if need + _HEADROOM > free:
+    raise CacheTooLarge(
+        f"embedding cache for {what} needs {need / 2**30:.1f} GiB at {directory} but only "
+        f"{free / 2**30:.1f} GiB is free: set config.embeddings='online' (accelerators), point "
+        "config.data.cache_dir at a larger disk, or train on fewer images")
+  return need
 
-  def build(self, examples: Iterable[Tuple[int, np.ndarray, np.ndarray]], count: int,
-            encode: Callable, embed_shape: Sequence[int], small_shape: Sequence[int],
-            progress: bool = False) -> None:
-    """examples: (image_id, padded uint8 (S,S,3), input_hw (2,)) in row order."""
-    if self.complete:
-      return
-    os.makedirs(self.dir, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp_e = os.path.join(self.dir, f".embeddings.{tag}.npy")
-    tmp_s = os.path.join(self.dir, f".image_small.{tag}.npy")
-    emb = np.lib.format.open_memmap(tmp_e, "w+", np.float32, (count, *embed_shape))
-    small = np.lib.format.open_memmap(tmp_s, "w+", np.float32, (count, *small_shape))
-    ids = []
-    it = examples
-    if progress:
+
+def _write_shard(directory, s, lo, n, source, encode, img_size, shapes, fingerprint):
+  emb_f, small_f, ids_f = ec.shard_files(s)
+  tag = uuid.uuid4().hex[:8]
+  tmp = [os.path.join(directory, f".{f}.{tag}.tmp.npy") for f in (emb_f, small_f)]
+  arrs = [np.lib.format.open_memmap(t, "w+", ec.STORED, (n, *shape)) for t, shape in zip(tmp, shapes)]
+  ids = []
+  for row in range(n):
+    d = coco.decode_record(source[lo + row])
+    padded, hw, _ = transforms.prepare_image(d["image"], img_size)
+    e, sm = encode(padded[None], np.asarray(hw, np.int32)[None])
+    arrs[0][row], arrs[1][row] = ec.to_stored(e[0]), ec.to_stored(sm[0])
+    ids.append(d["image_id"])
+  for a in arrs:
+    a.flush()
+  del arrs
+  for t, f in zip(tmp, (emb_f, small_f)):
+    os.replace(t, os.path.join(directory, f))
+  records.atomic_write_text(records.epath.Path(directory) / ids_f, json.dumps(
+      {"records": fingerprint, "image_ids": ids}))
+
+
+def build_cache(cache_root: str, encoder_fp: str, namespace: str, source: records.RecordSource,
+                encode: Callable, sam_cfg, *, process_index: int = 0, process_count: int = 1,
+                barrier: Optional[records.Barrier] = None, progress: bool = False
+                ) -> ec.EmbeddingCache:
+  """Build (once) the cache of `source` and return its reader."""
+  directory = ec.cache_dir(cache_root, encoder_fp, namespace, source.fingerprint)
+  cache = ec.EmbeddingCache(directory, encoder_fp, source.fingerprint)
+  e = sam_cfg.embed_size
+  shapes = ((e, e, sam_cfg.prompt_embed_dim), (4 * e, 4 * e, 3))
+  done = cache.complete
+  shards = [sh["count"] for sh in source.index["shards"]]
+  offsets = np.concatenate([[0], np.cumsum(shards)]).astype(int)
+  if not done:
+    check_disk(directory, len(source), ec.bytes_per_image(*shapes), namespace)
+    os.makedirs(directory, exist_ok=True)
+    bar = None
+    if progress and process_index == 0:
       from tqdm import tqdm
-      it = tqdm(it, total=count, desc="embedding cache", leave=False)
-    for row, (iid, padded, hw) in enumerate(it):
-      e, s = encode(padded[None], np.asarray(hw, np.int32)[None])
-      emb[row] = np.asarray(e[0])
-      small[row] = np.asarray(s[0])
-      ids.append(int(iid))
-    if len(ids) != count:
-      raise ValueError(f"cache build got {len(ids)} examples, expected {count}")
-    emb.flush(); small.flush()
-    del emb, small
-    os.replace(tmp_e, os.path.join(self.dir, "embeddings.npy"))
-    os.replace(tmp_s, os.path.join(self.dir, "image_small.npy"))
-    tmp_j = os.path.join(self.dir, f".ids.{tag}.json")
-    with open(tmp_j, "w") as f:
-      json.dump({"fingerprint": self.fingerprint, "image_ids": ids}, f)
-    os.replace(tmp_j, os.path.join(self.dir, "ids.json"))
+      bar = tqdm(total=len(source), desc=f"embedding cache {namespace}", leave=False)
 
-  def _open(self):
-    # Called from several grain reader threads: fill everything, then
-    # publish `_rows` last (a second concurrent open is harmless).
-    if self._rows is None:
-      with open(os.path.join(self.dir, "ids.json")) as f:
-        meta = json.load(f)
-      if meta["fingerprint"] != self.fingerprint:
-        raise ValueError(f"embedding cache {self.dir} belongs to other encoder weights")
-      rows = {iid: r for r, iid in enumerate(meta["image_ids"])}
-      self._emb = np.load(os.path.join(self.dir, "embeddings.npy"), mmap_mode="r")
-      self._small = np.load(os.path.join(self.dir, "image_small.npy"), mmap_mode="r")
-      self._rows = rows
+    def write(s):
+      ids_file = os.path.join(directory, ec.shard_files(s)[2])
+      if shards[s] and records.read_json(records.epath.Path(ids_file)) is None:
+        _write_shard(directory, s, int(offsets[s]), shards[s], source, encode,
+                     sam_cfg.img_size, shapes, source.fingerprint)
+      if bar is not None:
+        bar.update(shards[s])
 
-  def lookup(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
-    self._open()
-    r = self._rows[int(image_id)]
-    return np.array(self._emb[r]), np.array(self._small[r])
-
-  def __getstate__(self):  # picklable for grain workers: reopen lazily
-    d = dict(self.__dict__)
-    d["_rows"] = d["_emb"] = d["_small"] = None
-    return d
+    records.run_shards(len(shards), write, process_index, process_count, barrier,
+                       f"cache {namespace}")
+    if bar is not None:
+      bar.close()
+  elif process_count > 1:
+    barrier(f"cache {namespace}: shards written")
+  if process_index == 0 and not done:
+    records.atomic_write_text(records.epath.Path(directory) / "meta.json", json.dumps({
+        "encoder": encoder_fp, "records": source.fingerprint, "dtype": "bfloat16",
+        "shapes": shapes, "shards": [s for s, c in enumerate(shards) if c]}))
+  if process_count > 1:
+    barrier(f"cache {namespace}: meta written")
+  return cache
