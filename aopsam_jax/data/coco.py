@@ -6,8 +6,9 @@ but ``coco_url`` holds ``.../<split>/<name>.jpg``) and local subsets such as
 array_record files; this module only reads the json.
 
 Memory.  `parse_annotations` streams the json (`json_stream.JsonStream`) and
-keeps every annotation as its compact JSON text (fields id, category_id,
-iscrowd, area, bbox, segmentation) grouped by image, images as four flat
+keeps every annotation as its JSON text grouped by image (as written in the
+source when it has all of id, category_id, iscrowd, area, bbox and a valid
+segmentation; otherwise normalised to those fields), images as four flat
 lists: about the size of the annotation text itself (~0.5 GB for COCO 2017
 train, whose `json.load` takes ~4 GB).  `load_annotations` returns parsed
 dicts, for small sets (evaluation).
@@ -63,6 +64,13 @@ def _valid_segmentation(seg) -> bool:
   if isinstance(seg, dict):
     return "counts" in seg and "size" in seg
   return False
+
+
+def _complete(a: dict) -> bool:
+  """Has every field the targets and the evaluation read, with usable types."""
+  return (type(a.get("id")) is int and type(a.get("category_id")) is int
+          and type(a.get("iscrowd")) is int and isinstance(a.get("area"), (int, float))
+          and isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4)
 
 
 @dataclasses.dataclass
@@ -121,7 +129,7 @@ class _Parser:
     if self.bad <= _MAX_WARNINGS:
       log.warning("%s (skipped)", msg)
 
-  def annotation(self, i: int, a) -> None:
+  def annotation(self, i: int, a, text: str) -> None:
     path = self.out.path
     if not isinstance(a, dict) or "image_id" not in a:
       return self.problem(f"{path}: annotations[{i}]: no image_id")
@@ -133,11 +141,12 @@ class _Parser:
       return self.problem(f"{path}: annotations[{i}]: unknown image_id {iid}")
     if not _valid_segmentation(a.get("segmentation")):
       return self.problem(f"{path}: annotations[{i}]: missing or malformed segmentation")
-    text = json.dumps({
-        "id": int(a.get("id", i)), "category_id": int(a.get("category_id", 0)),
-        "iscrowd": int(a.get("iscrowd", 0)), "area": float(a.get("area", 0.0)),
-        "bbox": [float(v) for v in a.get("bbox", [0, 0, 0, 0])],
-        "segmentation": a["segmentation"]}, separators=(",", ":"))
+    if not _complete(a):  # normalised; complete ones are kept as written (fast)
+      text = json.dumps({
+          "id": int(a.get("id", i)), "category_id": int(a.get("category_id", 0)),
+          "iscrowd": int(a.get("iscrowd", 0)), "area": float(a.get("area", 0.0)),
+          "bbox": [float(v) for v in a.get("bbox", [0, 0, 0, 0])],
+          "segmentation": a["segmentation"]}, separators=(",", ":"))
     (self.out.anns if self.images_seen else self.pending).setdefault(iid, []).append(text)
 
   def finish(self) -> CompactAnnotations:
@@ -180,9 +189,12 @@ def parse_annotations(path: str, on_bad_annotation: str = "skip") -> CompactAnno
           if not s.is_next("["):
             raise DatasetError(fmt)
           found.add(key)
-          add = parser.image if key == "images" else parser.annotation
-          for i, item in enumerate(s.items()):
-            add(i, item)
+          if key == "images":
+            for i, item in enumerate(s.items()):
+              parser.image(i, item)
+          else:
+            for i, (item, text) in enumerate(s.items(text=True)):
+              parser.annotation(i, item, text)
           parser.images_seen |= key == "images"
         else:
           s.value()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from typing import Any, BinaryIO, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Tuple
 
 _WS = re.compile(r"[ \t\n\r]*")
 _NUMBER = "0123456789.eE+-"
@@ -37,6 +37,7 @@ class JsonStream:
     self._dec = json.JSONDecoder()
     self._buf, self._pos, self._eof = "", 0, False
     self._consumed = 0  # characters dropped from the front of the buffer
+    self._last_len = 0  # length of the last decoded value's text
 
   @property
   def offset(self) -> int:
@@ -77,6 +78,7 @@ class JsonStream:
       try:
         v, end = self._dec.raw_decode(self._buf, self._pos)
         if self._eof or not self._cut(v, end):
+          self._last_len = end - self._pos
           self._pos = end
           return v
       except json.JSONDecodeError as e:
@@ -94,14 +96,20 @@ class JsonStream:
     rest = self._buf[end:end + 64]
     return end + 64 >= len(self._buf) and not rest.strip(_NUMBER)
 
-  def items(self) -> Iterator[Any]:
-    """The items of the array that comes next, one at a time."""
+  def value_and_text(self) -> Tuple[Any, str]:
+    """The next value and its JSON text as in the file."""
+    v = self.value()  # leaves the buffer as decoded: the text ends at _pos
+    return v, self._buf[self._pos - self._last_len:self._pos]
+
+  def items(self, text: bool = False) -> Iterator[Any]:
+    """The items of the array that comes next, one at a time (with their
+    JSON text as (item, text) pairs when `text`)."""
     self._expect("[")
     if self._peek() == "]":
       self._pos += 1
       return
     while True:
-      yield self.value()
+      yield self.value_and_text() if text else self.value()
       if self._expect(",]") == "]":
         return
 
