@@ -1,7 +1,7 @@
 """Data preparation at scale: time, peak RSS and disk vs dataset size.
 
   python benchmarks/bench_data.py prep --sizes 1000,5000,20000
-  python benchmarks/bench_data.py parse --sizes 118000
+  python benchmarks/bench_data.py parse --sizes 118000 [--baseline]
   python benchmarks/bench_data.py train --sizes 1000,5000,20000 [--steps 12]
 
 prep   COCO-format sources of N images made of the real coco_tiny train
@@ -103,6 +103,11 @@ def child(argv):
     from aopsam_jax.data import records
     records.prepare_split("bench", "train", argv[1], "annotations/train.json", "images", argv[2])
     out = {"seconds": time.perf_counter() - t, "disk_bytes": _du(argv[2])}
+  elif what == "jsonload":  # the old way, for reference
+    with open(argv[1]) as f:
+      d = json.load(f)
+    out = {"seconds": time.perf_counter() - t, "images": len(d["images"]),
+           "annotations": len(d["annotations"])}
   else:
     from aopsam_jax.data import coco
     c = coco.parse_annotations(argv[1])
@@ -131,16 +136,18 @@ def bench_prep(sizes, tmp):
           f"{m['disk_bytes'] / 2**30:.2f} | {m['disk_bytes'] / n / 1e3:.0f} |", flush=True)
 
 
-def bench_parse(sizes, tmp):
+def bench_parse(sizes, tmp, baseline):
   print(f"machine: {machine()}\n")
-  print("| images | annotations | json MB | parse s | peak RSS MiB |")
-  print("|---:|---:|---:|---:|---:|")
+  print("| images | annotations | json MB | reader | s | peak RSS MiB |")
+  print("|---:|---:|---:|---|---:|---:|")
   for n in sizes:
     path = os.path.join(tmp, f"synth{n}.json")
     size = write_synthetic_json(path, n)
-    m = _run_child("parse", path)
-    print(f"| {n} | {m['annotations']} | {size / 1e6:.0f} | {m['seconds']:.1f} | "
-          f"{m['peak_rss_mib']:.0f} |", flush=True)
+    for what in ("parse", "jsonload") if baseline else ("parse",):
+      m = _run_child(what, path)
+      name = "coco.parse_annotations" if what == "parse" else "json.load (reference)"
+      print(f"| {n} | {m['annotations']} | {size / 1e6:.0f} | {name} | {m['seconds']:.1f} | "
+            f"{m['peak_rss_mib']:.0f} |", flush=True)
     os.remove(path)
 
 
@@ -177,12 +184,13 @@ def main():
   p.add_argument("what", choices=("prep", "parse", "train"))
   p.add_argument("--sizes", default="1000,5000,20000")
   p.add_argument("--steps", type=int, default=12)
+  p.add_argument("--baseline", action="store_true", help="parse: also time json.load")
   p.add_argument("--tmp", default=None, help="scratch directory (default: a new temp dir)")
   a = p.parse_args()
   sizes = [int(s) for s in a.sizes.split(",")]
   tmp = a.tmp or tempfile.mkdtemp(prefix="bench_data_")
   os.makedirs(tmp, exist_ok=True)
-  {"prep": lambda: bench_prep(sizes, tmp), "parse": lambda: bench_parse(sizes, tmp),
+  {"prep": lambda: bench_prep(sizes, tmp), "parse": lambda: bench_parse(sizes, tmp, a.baseline),
    "train": lambda: bench_train(sizes, tmp, a.steps)}[a.what]()
 
 
