@@ -146,7 +146,9 @@ def test_changed_source_is_prepared_again(tmp_path, caplog):
   Image.fromarray(np.zeros((160, 120, 3), np.uint8)).save(os.path.join(root, "images", "000101.png"))
   d3 = records.prepare("s", root, rec, splits)["train"]
   assert d3 not in (d1, d2)
-  assert [r for r in records.RecordSource(d3)] is not None
+  src3 = records.RecordSource(d3)
+  r101 = next(src3[i] for i in range(len(src3)) if src3[i]["image_id"] == 101)
+  assert not coco.decode_record(r101)["image"].any()  # the new, all-black image
 
 
 def test_killed_preparation_resumes(tmp_path):

@@ -250,16 +250,16 @@ def prepare_split(name: str, split: str, source_dir: str, ann_file: str, image_d
     _note_stale(base, split, out)
     ca = coco.parse_annotations(ann_path, on_bad_annotation)
     out.mkdir(parents=True, exist_ok=True)
-    bar = None
-    if progress:
-      from tqdm import tqdm
-      bar = tqdm(total=len(ca), desc=f"preparing {name}:{split}", leave=False)
-    writer = _SplitWriter(out, fp, ca, img_dir, on_missing_image, images_per_shard,
-                          process_index, bar=bar)
+    writer = _SplitWriter(out, fp, ca, img_dir, on_missing_image, images_per_shard, process_index)
     n_shards = writer.n_shards
+    if progress:  # this process's share
+      from tqdm import tqdm
+      mine = sum(min(len(ca), (s + 1) * images_per_shard) - s * images_per_shard
+                 for s in range(process_index, n_shards, process_count))
+      writer.bar = tqdm(total=mine, desc=f"preparing {name}:{split}", leave=False)
     run_shards(n_shards, writer, process_index, process_count, barrier, f"{name}:{split}")
-    if bar is not None:
-      bar.close()
+    if writer.bar is not None:
+      writer.bar.close()
   elif process_count > 1:
     barrier(f"{name}:{split}: shards written")
   if process_index == 0 and not done:
