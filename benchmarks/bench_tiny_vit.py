@@ -11,11 +11,12 @@ gives the median and the minimum and the ratio to the JAX vit_t median.  FLOPs
 are XLA's cost analysis of the compiled encoder.
 
 Part 2, end to end per image (image array -> mask records at the original
-size, as benchmarks/bench_amg.py times it): AoP-SAM with vit_t (an untrained
-prompt predictor: the decoded prompt count is fixed by the ASF config, so the
-cost is that of a trained one), and grid AMG_S (16 x 16) / AMG_D (32 x 32)
-with vit_t and vit_b, random-init weights and random-init thresholds.  Median
-of --repeats calls after a warm-up (compile) call.
+size, as benchmarks/bench_amg.py times it): AoP-SAM with vit_t (the shipped
+bundle's prompt predictor on vit_t embeddings: the decoded prompt count is
+fixed by the ASF config, so the cost is that of a matched one), and grid
+AMG_S (16 x 16) / AMG_D (32 x 32) with vit_t and vit_b; random-init SAM
+weights and the same random-init thresholds for all (so masks survive).
+Median of --e2e-repeats calls after a warm-up (compile) call.
 
 Writes benchmarks/results/tiny_vit_<backend>.md.
 """
@@ -105,28 +106,33 @@ def _timed(run, repeats: int):
   return statistics.median(times), first, len(res)
 
 
-def bench_e2e(repeats: int, model_types, settings):
+def bench_e2e(repeats: int, model_types, settings, write):
   from aopsam_jax.aop import bundle, pipeline
   from aopsam_jax.sam import amg
   from aopsam_jax.sam.config import get_sam_config
   from aopsam_jax.sam.params import build_model
   image = _image()
-  rows = []
-  gen = pipeline.AopMaskGenerator(bundle.random_bundle("vit_t", seed=0))
+  sam_t = build_model(get_sam_config("vit_t"), seed=0)
+  asf_thresh = dict(pred_iou_thresh=THRESH["pred_iou_thresh"], nms_thresh=THRESH["box_nms_thresh"],
+                    stability_score_thresh=THRESH["stability_score_thresh"],
+                    stability_score_offset=THRESH["stability_score_offset"])
+  b = bundle.load_bundle(sam=sam_t, asf_overrides=asf_thresh, quiet=True)
+  gen = pipeline.AopMaskGenerator(b)
   med, first, n = _timed(lambda: gen.generate(image), repeats)
   k = gen.cfg.k_coarse + gen.cfg.k_fine
-  rows.append(f"| AoP-SAM | vit_t | {med:.2f} | {first:.1f} | {k} (coarse + fine) | {n} |")
-  print(rows[-1], flush=True)
-  for mt in model_types:
-    model = build_model(get_sam_config(mt), seed=0)
-    for s in settings:
+  row = f"| AoP-SAM | vit_t | {med:.2f} | {first:.1f} | {k} (coarse + fine) | {n} |"
+  print(row, flush=True)
+  write([row])
+  models = {mt: sam_t if mt == "vit_t" else build_model(get_sam_config(mt), seed=0)
+            for mt in model_types}
+  for s in settings:  # every model's AMG_S before any AMG_D: a cut-short run keeps pairs
+    for mt, model in models.items():
       side = {"S": 16, "D": 32}[s]
       gen = amg.AutomaticMaskGenerator(model, amg.AmgConfig(points_per_side=side, **THRESH))
       med, first, n = _timed(lambda gen=gen: gen.generate(image), repeats)
-      rows.append(f"| AMG_{s} | {mt} | {med:.2f} | {first:.1f} | {side * side} grid + re-decode "
-                  f"| {n} |")
-      print(rows[-1], flush=True)
-  return rows
+      row = f"| AMG_{s} | {mt} | {med:.2f} | {first:.1f} | {side * side} grid + re-decode | {n} |"
+      print(row, flush=True)
+      write([row])
 
 
 def main(argv=None) -> int:
@@ -141,25 +147,28 @@ def main(argv=None) -> int:
   import jax
   mach = machine()
   print(mach, flush=True)
+  path = args.out or os.path.join(HERE, "results", f"tiny_vit_{jax.default_backend()}.md")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   lines = ["# MobileSAM vit_t (TinyViT-5M) vs SAM vit_b, random-init weights", "",
            f"Machine: {mach}", "",
            f"## Image encoder, 1024 x 1024, batch 1 (interleaved rounds, {args.repeats} each)", "",
            "| encoder | median s | min s | / JAX vit_t | XLA GFLOPs |", "|---|---|---|---|---|"]
-  lines += bench_encoders(args.repeats)
+
+  def write(rows):  # after every row: a long run cut short keeps what it measured
+    lines.extend(rows)
+    with open(path, "w") as f:
+      f.write("\n".join(lines + ["", f"Load average when written: {os.getloadavg()[0]:.1f}"])
+              + "\n")
+
+  write(bench_encoders(args.repeats))
   if not args.skip_e2e:
-    lines += ["", "## End to end per image (sample.jpg 640x428 -> mask records), median of "
-              f"{args.e2e_repeats} call(s) after the compile call", "",
-              f"Grid AMG thresholds (random init): {THRESH}.", "",
-              "| method | SAM | s / image | first call s | prompts | masks |",
-              "|---|---|---|---|---|---|"]
-    lines += bench_e2e(args.e2e_repeats, args.e2e_models.split(","), args.settings.split(","))
-  lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}"]
-  text = "\n".join(lines) + "\n"
-  path = args.out or os.path.join(HERE, "results", f"tiny_vit_{jax.default_backend()}.md")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text)
-  print(text)
+    write(["", "## End to end per image (sample.jpg 640x428 -> mask records), median of "
+           f"{args.e2e_repeats} call(s) after the compile call", "",
+           f"Grid AMG thresholds (random init): {THRESH}.", "",
+           "| method | SAM | s / image | first call s | prompts | masks |",
+           "|---|---|---|---|---|---|"])
+    bench_e2e(args.e2e_repeats, args.e2e_models.split(","), args.settings.split(","), write)
+  print("\n".join(lines))
   print("wrote", path)
   return 0
 
