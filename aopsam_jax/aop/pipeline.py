@@ -4,7 +4,8 @@
     b = bundle.load_bundle(path)                       # SAM + predictor + AsfConfig
     inp = pipeline.prepare(image)                      # host: PIL resize + pad
     out = pipeline.segment_jit(b.model, inp.padded, inp.input_hw, inp.original_hw, b.asf)
-    records = pipeline.to_records(out)                 # same records as amg.to_records
+    records = pipeline.to_records(out)                 # official records (sam.records)
+    # or simply: pipeline.AopMaskGenerator(b).generate(image)
 
 `segment` is a pure function of (model, padded image(s), sizes): image
 encoder, prompt predictor, ASF (coarse + fine decoding, filtering, mask
@@ -16,16 +17,16 @@ Inputs may be one image (S, S, 3) with (2,) sizes, or a batch (B, S, S, 3)
 with (B, 2) sizes (vmapped).
 
 Outputs (N = cfg.max_masks, P = cfg.k_coarse + cfg.k_fine, one leading B
-axis for batches), compatible with `amg.to_records` / `amg.masks_at_original`:
+axis for batches); `masks_at_original` / `to_records` turn them into masks / records:
   low_res_logits (N, 256, 256)  decoder logits of each output mask
   iou, stability (N,)           predicted IoU, stability score (low-res)
   boxes (N, 4)                  XYXY in the original image (from low-res logits)
+  input_hw, original_hw (2,)    the image's sizes
   points (N, 2)                 the prompt of each mask, xy in the original image
   mask_index (N,), stage (N,)   multimask output index; 0 coarse / 1 fine prompt
   valid (N,)                    slot holds a mask (valid first, by predicted IoU)
   prompt_points (P, 2), prompt_valid (P,), prompt_accepted (P,): every decoded prompt
   num_prompts, num_filtered, num_kept, heatmap (256, 256) logits
-  crop_index, crop_boxes, input_hw, original_hw: single-crop bookkeeping
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.sam import amg, geometry, mask_ops
+from aopsam_jax.sam import geometry, mask_ops, records as records_lib
 from aopsam_jax.aop import asf
 from aopsam_jax.aop.prompt_predictor import PromptPredictor, predictor_inputs
-from aopsam_jax.sam.transforms import prepare_image
+from aopsam_jax.sam.predictor import OUT_ALIGN
+from aopsam_jax.sam.prompts import single_point_prompts
+from aopsam_jax.sam.transforms import postprocess_masks, prepare_image
 
 AsfConfig = asf.AsfConfig
 
@@ -84,15 +87,13 @@ def _segment_one(model: AopSam, padded, input_hw, original_hw, cfg: AsfConfig):
 
   def decode_fn(points_in, valid):
     del valid  # every slot is decoded in one batch; invalid ones are ignored by ASF
-    coords, labels = amg._single_point_prompts(points_in)
+    coords, labels = single_point_prompts(points_in)
     return sam.decode(emb, coords, labels, multimask_output=True)
 
   out = asf.run(hm, input_hw, decode_fn, cfg)
   to_orig = geometry.input_to_original_scale(input_hw, original_hw)
-  n = out["valid"].shape[0]
   boxes = mask_ops.boxes_from_low_res(out["low_res_logits"], input_hw, original_hw, img_size,
                                       cfg.mask_threshold)
-  whole = jnp.stack([0, 0, original_hw[1], original_hw[0]]).astype(jnp.int32)
   return dict(
       low_res_logits=out["low_res_logits"], iou=out["iou"], stability=out["stability"],
       boxes=jnp.where(out["valid"][:, None], boxes, 0.0),
@@ -101,8 +102,7 @@ def _segment_one(model: AopSam, padded, input_hw, original_hw, cfg: AsfConfig):
       prompt_scores=out["prompt_scores"], prompt_valid=out["prompt_valid"],
       prompt_accepted=out["prompt_accepted"], num_prompts=out["num_prompts"],
       num_filtered=out["num_filtered"], num_kept=out["num_kept"], heatmap=hm,
-      crop_index=jnp.zeros((n,), jnp.int32), crop_boxes=jnp.broadcast_to(whole, (n, 4)),
-      input_hw=jnp.broadcast_to(input_hw, (n, 2)), original_hw=original_hw)
+      input_hw=input_hw, original_hw=original_hw)
 
 
 def segment(model: AopSam, padded: jax.Array, input_hw: jax.Array, original_hw: jax.Array,
@@ -156,15 +156,47 @@ def compiled_executables() -> int:
 # --- host side ---------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("out_hw", "img_size"))
+def _upscale(low_res, input_hw, original_hw, threshold, out_hw, img_size):
+  return postprocess_masks(low_res, input_hw, original_hw, out_hw, img_size) > threshold
+
+
+def masks_at_original(out: Dict[str, Any], img_size: int = 1024, threshold: float = 0.0,
+                      chunk: int = 16) -> np.ndarray:
+  """One image's `segment` output -> (n_valid, H, W) bool masks at the original
+  size (official `postprocess_masks` + threshold), in slot order.  Fixed-size
+  chunks in a buffer rounded up to OUT_ALIGN: one program per size bucket."""
+  small = jax.device_get({k: out[k] for k in ("valid", "input_hw", "original_hw")})
+  idx = np.flatnonzero(small["valid"])
+  h, w = (int(v) for v in small["original_hw"])
+  out_hw = (-(-h // OUT_ALIGN) * OUT_ALIGN, -(-w // OUT_ALIGN) * OUT_ALIGN)
+  masks = np.zeros((len(idx), h, w), bool)
+  for s in range(0, len(idx), chunk):
+    sl = idx[s:s + chunk]
+    sl = np.concatenate([sl, np.repeat(sl[-1:], chunk - len(sl))])
+    res = _upscale(out["low_res_logits"][sl], small["input_hw"], small["original_hw"],
+                   jnp.float32(threshold), out_hw=out_hw, img_size=img_size)
+    masks[s:s + chunk] = np.asarray(res)[:min(chunk, len(idx) - s), :h, :w]
+  return masks
+
+
 def to_records(out: Dict[str, Any], output_mode: str = "binary_mask", img_size: int = 1024,
                threshold: float = 0.0) -> List[Dict[str, Any]]:
-  """One image's `segment` output -> official-style mask records (`amg.to_records`)."""
-  return amg.to_records(out, output_mode, img_size, threshold)
+  """One image's `segment` output -> the official mask records (`sam.records`),
+  crop_box = the whole image."""
+  records_lib.check_output_mode(output_mode)
+  small = jax.device_get({k: out[k] for k in ("valid", "iou", "stability", "points")})
+  ok = np.asarray(small["valid"])
+  return records_lib.masks_to_records(masks_at_original(out, img_size, threshold),
+                                      small["iou"][ok], small["stability"][ok],
+                                      small["points"][ok], None, output_mode)
 
 
 class AopMaskGenerator:
-  """Convenience wrapper mirroring `amg.AutomaticMaskGenerator`:
-  `AopMaskGenerator(bundle_or_model, cfg).generate(image)` -> records."""
+  """The official generator's interface for AoP-SAM:
+  `AopMaskGenerator(bundle).generate(image)` -> the same records as
+  `SamAutomaticMaskGenerator.generate`.  `model` is a Bundle (its ASF config
+  is used unless `cfg` is given), an AopSam or its (graphdef, state)."""
 
   def __init__(self, model, cfg: AsfConfig | None = None, output_mode: str = "binary_mask"):
     if hasattr(model, "model") and hasattr(model, "asf"):  # a Bundle
@@ -172,7 +204,7 @@ class AopMaskGenerator:
       model = model.model
     self.graphdef, self.state = split_model(model)
     self.cfg = cfg or AsfConfig()
-    self.output_mode = output_mode
+    self.output_mode = records_lib.check_output_mode(output_mode)
 
   def generate_arrays(self, image: np.ndarray) -> Dict[str, jax.Array]:
     inp = prepare(image, self.cfg.img_size)
@@ -180,4 +212,5 @@ class AopMaskGenerator:
                        self.cfg)
 
   def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
+    """HxWx3 uint8 RGB image -> list of official mask records."""
     return to_records(self.generate_arrays(image), self.output_mode, self.cfg.img_size)

@@ -34,11 +34,12 @@ Array = jax.Array
 
 
 def stability_score(logits: Array, threshold: float = 0.0, offset: float = 1.0,
-                    valid: Array | None = None) -> Array:
+                    valid: Array | None = None, empty: float = 0.0) -> Array:
   """(..., H, W) logits -> (...,) stability score in [0, 1].
 
   `valid` (broadcastable to (..., H, W), bool) restricts the count to a
   region, e.g. the part of a low-res mask that covers the real image.
+  `empty` is the score of an empty union (the official 0/0 gives nan).
   """
   hi = logits > (threshold + offset)
   lo = logits > (threshold - offset)
@@ -47,7 +48,7 @@ def stability_score(logits: Array, threshold: float = 0.0, offset: float = 1.0,
     lo = lo & valid
   inter = jnp.sum(hi, axis=(-2, -1), dtype=jnp.int32)
   union = jnp.sum(lo, axis=(-2, -1), dtype=jnp.int32)
-  return jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0).astype(jnp.float32)
+  return jnp.where(union > 0, inter / jnp.maximum(union, 1), empty).astype(jnp.float32)
 
 
 def _upsample_phases(x: Array, factor: int, axis: int):

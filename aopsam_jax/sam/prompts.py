@@ -49,3 +49,16 @@ def build_sparse_prompts(points: Optional[np.ndarray], labels: Optional[np.ndarr
     parts_c.append(boxes.reshape(-1, 2, 2))
     parts_l.append(np.tile(np.array([[BOX_TL, BOX_BR]], np.int32), (boxes.shape[0], 1)))
   return np.concatenate(parts_c, 1), np.concatenate(parts_l, 1)
+
+
+def single_point_prompts(points_in):
+  """(B, 2) positive points in the input frame -> the decoder's (coords (B, 2, 2),
+  labels (B, 2)): each point followed by the official (0, 0) padding point.
+
+  Traceable (jax.numpy); used by grid AMG and AoP-SAM alike.
+  """
+  import jax.numpy as jnp
+  b = points_in.shape[0]
+  coords = jnp.stack([points_in, jnp.zeros_like(points_in)], axis=1)
+  labels = jnp.broadcast_to(jnp.array([[POSITIVE, PAD]], jnp.int32), (b, 2))
+  return coords, labels
