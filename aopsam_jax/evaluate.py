@@ -12,9 +12,15 @@ the 1024 input frame, as in training, `trainer.evaluation.ImageGT`):
     resolution), averaged, also by COCO size (small < 32^2 <= medium < 96^2
     <= large, original pixels); recall at IoU 0.5; output masks per image.
     Needs real SAM weights: with random weights the output says so.
+  * COCO AP / AP50 / AR@100: class-agnostic (`useCats=0`) pycocotools
+    `COCOeval` of the output masks scored by predicted IoU, against every
+    annotation of the evaluated images (the standard COCO ground truth).
+    Also needs real SAM weights.
   * latency: median over images of the jitted program (prepared image on the
-    device -> fixed-size outputs, `jax.block_until_ready`), compilation
-    excluded (reported separately); memory: XLA's buffer analysis of the
+    device -> fixed-size outputs, `jax.block_until_ready`; grid AMG adds the
+    second decoding of its surviving prompts for their masks), compilation
+    excluded (reported separately; grid AMG compiles once per image-size
+    bucket); memory: XLA's buffer analysis of the
     compiled program (arguments + outputs + temporaries) and the process'
     peak RSS.
 Grid AMG is slow on a CPU (AMG_D decodes 1024 prompts): its mask metrics and
@@ -36,6 +42,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from aopsam_jax.sam import rle
 from aopsam_jax.sysinfo import peak_rss_kb
 
 SIZE_EDGES = (32 ** 2, 96 ** 2)
@@ -69,6 +76,8 @@ class MethodStats:
     self.n_masks: List[int] = []
     self.n_prompts: List[float] = []
     self.latency: List[float] = []
+    self.coco_dets: List[dict] = []
+    self.coco_images: List[int] = []
     self.first_call_s: Optional[float] = None
     self.memory: Dict[str, float] = {}
 
@@ -76,7 +85,12 @@ class MethodStats:
     self.prompt.update(counts)
     self.n_prompts.append(counts["points"])
 
-  def add_masks(self, gt_masks, areas, pred_masks):
+  def add_masks(self, gt_masks, areas, pred_masks, scores=None, image_id=None):
+    if image_id is not None:
+      self.coco_images.append(image_id)
+      self.coco_dets.extend(
+          {"image_id": image_id, "category_id": 1, "segmentation": r, "score": float(sc)}
+          for r, sc in zip(rle.encode(np.asarray(pred_masks)), scores))
     ious = best_ious(gt_masks, pred_masks)
     self.mask_ious.extend(ious.tolist())
     self.mask_sizes.extend(size_class(a) for a in areas)
@@ -106,6 +120,29 @@ class MethodStats:
     return out
 
 
+def coco_metrics(ann_path: str, stats: MethodStats) -> Dict[str, float]:
+  """Class-agnostic COCO mask AP, AP50 and AR@100 of one method's detections."""
+  import contextlib
+  import io
+
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+  if not stats.coco_images:
+    return {}
+  if not stats.coco_dets:
+    return {"coco_ap": 0.0, "coco_ap50": 0.0, "coco_ar100": 0.0}
+  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+    gt = COCO(ann_path)
+    e = COCOeval(gt, gt.loadRes(stats.coco_dets), "segm")
+    e.params.useCats = 0
+    e.params.imgIds = sorted(stats.coco_images)
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+  return {"coco_ap": float(e.stats[0]), "coco_ap50": float(e.stats[1]),
+          "coco_ar100": float(e.stats[8])}
+
+
 def memory_of(compiled) -> Dict[str, float]:
   try:
     m = compiled.memory_analysis()
@@ -130,24 +167,27 @@ class Method:
   """One method's compiled program: compiled on the first image (that call's
   time, compilation included, is `first_call_s`), later calls timed."""
 
-  def __init__(self, lower, state, stats: MethodStats, name: str = "the program"):
-    self.lower, self.state, self.stats = lower, state, stats
-    self.compiled = None
+  def __init__(self, lower, state, stats: MethodStats, name: str = "the program", model=None):
+    self.lower, self.state, self.stats, self.model = lower, state, stats, model
+    self.compiled = {}
     self.name = name
 
-  def __call__(self, dev_inputs):
+  def __call__(self, dev_inputs, key=None):
+    """`key` names the compiled program (e.g. grid AMG's size bucket); a
+    call that compiles is not timed as latency."""
     import jax
     s = self.stats
-    if self.compiled is None:
+    if key not in self.compiled:
       from aopsam_jax import compile_cache
       compile_cache.announce(self.name)
       t0 = time.perf_counter()
-      self.compiled = self.lower(*dev_inputs).compile()
-      s.memory = memory_of(self.compiled)
-      out, _ = _timed(self.compiled, self.state, *dev_inputs)
-      s.first_call_s = time.perf_counter() - t0
+      self.compiled[key] = self.lower(*dev_inputs).compile()
+      s.memory = s.memory or memory_of(self.compiled[key])
+      out, _ = _timed(self.compiled[key], self.state, *dev_inputs)
+      if s.first_call_s is None:
+        s.first_call_s = time.perf_counter() - t0
     else:
-      out, dt = _timed(self.compiled, self.state, *dev_inputs)
+      out, dt = _timed(self.compiled[key], self.state, *dev_inputs)
       s.latency.append(dt)
     return jax.device_get(out)
 
@@ -199,21 +239,22 @@ def build_methods(b, methods, stats: Dict[str, MethodStats]) -> Dict[str, Method
                       "the AoP-SAM program")
     else:
       acfg = amg_config(m)
-      out[m] = Method(lambda *d, acfg=acfg: amg._generate_jit.lower(sam_gd, sam_st, *d, cfg=acfg),
-                      sam_st, stats[m], f"the {m.upper()} program")
+      out[m] = Method(lambda inputs, _th, acfg=acfg: amg.lower((sam_gd, sam_st), inputs, acfg),
+                      sam_st, stats[m], f"the {m.upper()} program", model=(sam_gd, sam_st))
   return out
 
 
-def eval_aop_image(run: Method, g, areas, image, cfg) -> None:
+def eval_aop_image(run: Method, g, areas, image, cfg, image_id=None) -> None:
   from aopsam_jax.aop import pipeline
-  from aopsam_jax.sam import amg
   out = run(_device_inputs(pipeline.prepare(image, cfg.img_size)))
   run.stats.add_prompts(g.counts(np.asarray(out["prompt_points"]),
                                  np.asarray(out["prompt_valid"])))
-  run.stats.add_masks(g.gt, areas, amg.masks_at_original(out, cfg.img_size))
+  run.stats.add_masks(g.gt, areas, pipeline.masks_at_original(out, cfg.img_size),
+                      np.asarray(out["iou"])[np.asarray(out["valid"])], image_id)
 
 
-def eval_amg_image(run: Method, acfg, g, areas, image, img_size: int, with_masks: bool) -> None:
+def eval_amg_image(run: Method, acfg, g, areas, image, img_size: int, with_masks: bool,
+                   image_id=None) -> None:
   """Prompt metrics on every image (the grid needs no decoding); masks and
   latency only when `with_masks`."""
   from aopsam_jax.sam import amg
@@ -222,8 +263,14 @@ def eval_amg_image(run: Method, acfg, g, areas, image, img_size: int, with_masks
   pts = grid_points(acfg.points_per_side, h0, w0)
   run.stats.add_prompts(g.counts(pts, np.ones(len(pts), bool)))
   if with_masks:
-    out = run(_device_inputs(amg.prepare(image, acfg, img_size)))
-    run.stats.add_masks(g.gt, areas, amg.masks_at_original(out, img_size))
+    inputs = amg.prepare(image, acfg, img_size)
+    n_before = len(run.stats.latency)
+    out = run(amg.device_inputs(inputs, acfg), key=amg.out_bucket(inputs))
+    t0 = time.perf_counter()
+    masks = amg.decode_masks(run.model, inputs, out, acfg)
+    if len(run.stats.latency) > n_before:  # a timed call: the masks are part of the work
+      run.stats.latency[-1] += time.perf_counter() - t0
+    run.stats.add_masks(g.gt, areas, masks, out["iou"][out["valid"]], image_id)
 
 
 AMG_METHODS = {"amg_s": "AMG_S", "amg_d": "AMG_D"}  # method -> `amg` config constant
@@ -274,10 +321,10 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
     areas = g.gt.reshape(len(g.gt), -1).sum(1).astype(float)
     for m in methods:
       if m == "aop":
-        eval_aop_image(runs[m], g, areas, image, cfg)
+        eval_aop_image(runs[m], g, areas, image, cfg, im["id"])
       else:
         eval_amg_image(runs[m], amg_config(m), g, areas, image, cfg.img_size,
-                       n_img < amg_images)
+                       n_img < amg_images, im["id"])
     n_img += 1
   if not n_img:
     from aopsam_jax.cli import WorkError
@@ -308,7 +355,9 @@ def summarize(b, stats: Dict[str, MethodStats], methods, data_dir: str, split: s
                   "pred_iou_thresh": c.pred_iou_thresh,
                   "stability_score_thresh": c.stability_score_thresh,
                   "max_masks": c.max_masks} for m, c in amg_cfgs.items()},
-      "methods": {m: stats[m].summary() for m in methods},
+      "methods": {m: {**stats[m].summary(), **coco_metrics(
+          os.path.join(data_dir, "annotations", f"instances_{split}2017.json"), stats[m])}
+          for m in methods},
       "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                   "load_avg_1_5_15": [round(v, 1) for v in os.getloadavg()],
                   "jax": jax.__version__, "backend": jax.default_backend(),
@@ -364,14 +413,15 @@ def to_markdown(res: dict) -> str:
            f"jax {res['machine']['jax']}.",
            "",
            f"| method | prompts/image | prompt recall | mIoU{star} | mIoU S/M/L{star} | "
-           f"recall@0.5{star} | masks/image{star} | median latency (s) | first call (s) | "
-           f"XLA mem (MiB) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"recall@0.5{star} | COCO AP / AP50 / AR@100{star} | masks/image{star} | "
+           f"median latency (s) | first call (s) | XLA mem (MiB) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for m, s in ms.items():
     sml = "/".join(_f(s.get(f"miou_{k}"), "{:.2f}") for k in ("small", "medium", "large"))
     lines.append(
         f"| {NAMES.get(m, m)} | {_f(s.get('prompts_per_image'), '{:.1f}')} | "
         f"{_f(s.get('prompt_recall'))} | {_f(s.get('miou'))} | {sml} | {_f(s.get('recall_50'))} | "
+        f"{' / '.join(_f(s.get(k)) for k in ('coco_ap', 'coco_ap50', 'coco_ar100'))} | "
         f"{_f(s.get('masks_per_image'), '{:.1f}')} | {_f(s.get('latency_median_s'), '{:.3f}')} | "
         f"{_f(s.get('first_call_s'), '{:.1f}')} | {_f(s.get('xla_total_mib'), '{:.0f}')} |")
   lines.append("")

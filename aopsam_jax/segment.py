@@ -122,8 +122,8 @@ def setup_amg(args) -> Session:
                       max_masks=args.max_masks, **{k: v for k, (v, _) in th.items()})
 
   def run(image: np.ndarray):
-    out = amg.generate(model, amg.prepare(image, cfg, model.config.img_size), cfg)
-    records = amg.to_records(out, "binary_mask", model.config.img_size)
+    inputs = amg.prepare(image, cfg, model.config.img_size)
+    records = amg.to_records(model, inputs, amg.generate(model, inputs, cfg), cfg)
     pts = np.array([r["point_coords"][0] for r in records], np.float32).reshape(-1, 2)
     return records, {"points": pts if args.show_points else None}
 

@@ -68,3 +68,35 @@ def test_evaluate_runs_on_coco_tiny(tmp_path):
   assert ms["amg_s"]["prompts_per_image"] == 256.0
   assert 0 < ms["aop"]["prompts_per_image"] <= 32
   assert 0.0 <= ms["aop"]["prompt_recall"] <= 1.0
+
+
+def test_coco_metrics_class_agnostic(tmp_path):
+  """Hand-computed COCO numbers: two GT instances of different classes (useCats=0
+  ignores classes); a perfect detection of one of them, a low-scored miss."""
+  import json
+  gt = np.zeros((2, 40, 50), bool)
+  gt[0, 2:20, 3:30] = True
+  gt[1, 25:38, 10:45] = True
+  anns = []
+  for i, m in enumerate(gt):
+    r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    anns.append({"id": i + 1, "image_id": 7, "category_id": i + 1, "iscrowd": 0,
+                 "area": float(m.sum()), "bbox": list(map(float, mask_utils.toBbox(r))),
+                 "segmentation": {"size": r["size"], "counts": r["counts"].decode()}})
+  path = tmp_path / "instances_val2017.json"
+  path.write_text(json.dumps({"images": [{"id": 7, "height": 40, "width": 50, "file_name": "a"}],
+                              "annotations": anns,
+                              "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+  miss = np.zeros((1, 40, 50), bool)
+  miss[0, :3, 45:] = True
+  s = evaluate.MethodStats()
+  s.add_masks(gt, [1.0, 1.0], np.concatenate([gt[:1], miss]), [0.9, 0.1], image_id=7)
+  got = evaluate.coco_metrics(str(path), s)
+  # recall 0.5 at precision 1 (the hit scores higher): 51 of 101 recall points.
+  assert got["coco_ap"] == pytest.approx(51 / 101) and got["coco_ap50"] == pytest.approx(51 / 101)
+  assert got["coco_ar100"] == pytest.approx(0.5)
+  s2 = evaluate.MethodStats()
+  s2.add_masks(gt, [1.0, 1.0], np.concatenate([miss, gt]), [0.1, 0.9, 0.8], image_id=7)
+  got = evaluate.coco_metrics(str(path), s2)
+  assert got == {"coco_ap": pytest.approx(1.0), "coco_ap50": pytest.approx(1.0),
+                 "coco_ar100": pytest.approx(1.0)}

@@ -318,9 +318,8 @@ def generate(model, inputs: AmgInputs, cfg: AmgConfig = AmgConfig()) -> Dict[str
     raise ValueError(f"inputs hold {inputs.padded.shape[0]} crops, cfg expects {cfg.num_crops}; "
                      "prepare them with the same AmgConfig")
   out_hw = out_bucket(inputs) if cfg.stability_at == "original" else None
-  dev = AmgInputs(*(jnp.asarray(x) for x in inputs))
-  static, th = split_config(cfg)
-  return _generate_jit(graphdef, state, dev, th, cfg=static, out_hw=out_hw)
+  return _generate_jit(graphdef, state, *device_inputs(inputs, cfg), cfg=split_config(cfg)[0],
+                       out_hw=out_hw)
 
 
 # --- masks at the original size, records -------------------------------------
@@ -446,3 +445,18 @@ class SamAutomaticMaskGenerator:
     """HxWx3 uint8 RGB image -> list of official mask records."""
     inputs, out = self.generate_arrays(image)
     return to_records((self.graphdef, self.state), inputs, out, self.cfg, self.output_mode)
+
+
+def device_inputs(inputs: AmgInputs, cfg: AmgConfig) -> Tuple[AmgInputs, Thresholds]:
+  """The compiled program's data arguments (after the state): inputs, thresholds."""
+  return AmgInputs(*(jax.device_put(np.asarray(x)) for x in inputs)), split_config(cfg)[1]
+
+
+def lower(model, inputs: AmgInputs, cfg: AmgConfig = AmgConfig()):
+  """`generate` lowered for these inputs (ahead-of-time compilation: compile
+  time and XLA memory analysis apart from running).  Call the compiled program
+  with (state, *device_inputs(inputs, cfg)); one program per `out_bucket`."""
+  graphdef, state = split_model(model)
+  out_hw = out_bucket(inputs) if cfg.stability_at == "original" else None
+  return _generate_jit.lower(graphdef, state, *device_inputs(inputs, cfg),
+                             cfg=split_config(cfg)[0], out_hw=out_hw)

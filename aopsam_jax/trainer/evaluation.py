@@ -24,14 +24,12 @@ import numpy as np
 from aopsam_jax.data.targets import TargetConfig
 from aopsam_jax.sam.rle import segmentation_to_mask
 from aopsam_jax.sam.geometry import heatmap_to_original, input_hw
+from aopsam_jax.sam.mask_ops import build_point_grid
 
 
 def grid_points(n: int, h0: int, w0: int) -> np.ndarray:
   """SAM `build_point_grid(n)` scaled to an h0 x w0 image -> (n*n, 2) xy."""
-  off = 1.0 / (2 * n)
-  p = np.linspace(off, 1 - off, n)
-  xs, ys = np.meshgrid(p, p)
-  return np.stack([xs.reshape(-1) * w0, ys.reshape(-1) * h0], -1)
+  return build_point_grid(n) * np.array([w0, h0])
 
 
 class ImageGT:
