@@ -10,6 +10,9 @@ at the original resolution), after one warm-up call (= compilation for JAX),
 median of --repeats.  Both use the same random-init weights (the official
 model with tests/reference.py's init, converted) and random-init thresholds
 (pred_iou -1, stability 0.25 @ offset 0.05, NMS 0.7) so masks survive.
+The port runs twice: the default (stability and boxes at the original size,
+as the official generator) and stability_at="input" (the padded-resolution
+speed option).
 Writes the table to benchmarks/results/amg_<backend>.md.
 """
 
@@ -33,6 +36,8 @@ from aopsam_jax.sysinfo import peak_rss_kb  # noqa: E402
 THRESH = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.25, stability_score_offset=0.05,
               box_nms_thresh=0.7)
 SETTINGS = {"S": 16, "D": 32}
+IMPL_NAMES = {"jax": "this port (JAX)", "jax-input": "this port, stability_at='input'",
+              "official": "official (PyTorch)"}
 
 
 def _image():
@@ -69,21 +74,22 @@ def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str,
     run = lambda: gen.generate(image)
     prompts = lambda res: n * n
   else:
-    import jax
     from aopsam_jax.sam import amg
     from aopsam_jax.sam.params import load_sam
     model = load_sam(weights)
     assert model.config == cfg and "torch" not in sys.modules
-    acfg = amg.AmgConfig(**kw)
+    gen = amg.SamAutomaticMaskGenerator(
+        model, stability_at="input" if impl == "jax-input" else "original", **kw)
     state = {}
 
     def run():
-      out = amg.generate(model, amg.prepare(image, acfg), acfg)
+      inputs, out = gen.generate_arrays(image)
       state["out"] = out
-      return amg.to_records(out)
+      return amg.to_records((gen.graphdef, gen.state), inputs, out, gen.cfg)
 
     def prompts(res):
-      out = jax.device_get(state["out"])
+      import jax
+      out = jax.device_get({k: v for k, v in state["out"].items() if k != "embeddings"})
       ok = np.asarray(out["valid"])
       pts = {tuple(p) for p in np.asarray(out["points"])[ok].tolist()}
       return n * n + len(pts)  # grid + re-decoded unique prompts
@@ -99,7 +105,7 @@ def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str,
          "first_call_s": warm, "s_per_image": float(np.median(times)),
          "prompts_decoded": prompts(res),
          "peak_rss_mib": peak_rss_kb() / 1024}
-  if impl == "jax":
+  if impl != "official":
     import jax
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
   weights = os.path.join(tmp.name, f"sam_{args.model_type}.safetensors")
   write_weights(args.model_type, weights)
   for s in args.settings.split(","):
-    for impl in (["jax"] + (["official"] if s in official else [])):
+    for impl in (["jax", "jax-input"] + (["official"] if s in official else [])):
       cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, s,
              "--model-type", args.model_type, "--repeats", str(args.repeats),
              "--weights", weights, "--points-per-batch", str(args.points_per_batch)]
@@ -172,7 +178,7 @@ def main(argv=None) -> int:
            "peak RSS MiB | peak device MiB |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['setting']} | {'this port (JAX)' if r['impl'] == 'jax' else 'official (PyTorch)'}"
+    lines.append(f"| {r['setting']} | {IMPL_NAMES[r['impl']]}"
                  f" | {r['s_per_image']:.2f} | {r['first_call_s']:.2f} | {r['prompts_decoded']} | "
                  f"{r['masks']} | {r['peak_rss_mib']:.0f} | "
                  f"{r.get('peak_device_mib', float('nan')):.0f} |")
