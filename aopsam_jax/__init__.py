@@ -26,7 +26,7 @@ _EXPORTS = {
     "build_model": ("aopsam_jax.sam.params", "build_model"),
     "get_sam_config": ("aopsam_jax.sam.config", "get_sam_config"),
     "SamPredictor": ("aopsam_jax.sam.predictor", "SamPredictor"),
-    "SamAutomaticMaskGenerator": ("aopsam_jax.sam.amg", "AutomaticMaskGenerator"),
+    "SamAutomaticMaskGenerator": ("aopsam_jax.sam.amg", "SamAutomaticMaskGenerator"),
     "AmgConfig": ("aopsam_jax.sam.amg", "AmgConfig"),
     "load_image": ("aopsam_jax.sam.image_io", "load_image"),
     "load_bundle": ("aopsam_jax.aop.bundle", "load_bundle"),
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
   from aopsam_jax.aop.bundle import load_bundle
   from aopsam_jax.aop.pipeline import AopMaskGenerator
   from aopsam_jax.sam.amg import AmgConfig
-  from aopsam_jax.sam.amg import AutomaticMaskGenerator as SamAutomaticMaskGenerator
+  from aopsam_jax.sam.amg import SamAutomaticMaskGenerator
   from aopsam_jax.sam.config import get_sam_config
   from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.sam.params import build_model, load_sam
