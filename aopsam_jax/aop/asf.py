@@ -191,58 +191,59 @@ def run(heatmap_logits: Array, input_hw: Array, decode_fn: DecodeFn,
   region = geometry.low_res_valid_region(input_hw, l, cfg.img_size)
   prob, pmax = _prompt_heatmap(heatmap_logits, region)
   is_peak = peaks.local_maxima(prob[None], cfg.peak_kernel)[0] & region
+  stage = lambda candidates, k: _stage(candidates, prob, k, decode_fn, region, stride, cfg)
 
-  # --- coarse stage ---
   t_coarse = jnp.maximum(cfg.abs_threshold, cfg.rel_threshold * pmax)
-  c_pts, c_score, c_ok = _top_peaks(is_peak & (prob > t_coarse), prob, cfg.k_coarse)
-  c_pts, c_score, c_ok = c_pts[0], c_score[0], c_ok[0]
-  c_logits, c_iou, c_in = _decode_stage(decode_fn, c_pts, c_ok, stride)
-  c = _filter_stage(c_logits, c_iou, c_ok, c_pts, region, cfg)
-  m = c_logits.shape[1]
-  if c_logits.shape[-2:] != (l, l):
-    raise ValueError(f"decoder masks {c_logits.shape[-2:]} must match the heatmap ({l}, {l})")
-
-  # --- fine stage: peaks not used yet, outside the accepted masks ---
-  covered = jnp.any(c["best_mask"] & c["accepted"][:, None, None], axis=0)
-  c_pix = jnp.clip(jnp.floor(c_pts).astype(jnp.int32), 0, l - 1)
-  used = jnp.zeros((l, l), bool).at[c_pix[:, 1], c_pix[:, 0]].max(c_ok)
-  if cfg.k_fine > 0:
+  c = stage(is_peak & (prob > t_coarse), cfg.k_coarse)
+  if c["logits"].shape[-2:] != (l, l):
+    raise ValueError(f"decoder masks {c['logits'].shape[-2:]} must match the heatmap ({l}, {l})")
+  stages = [c]
+  if cfg.k_fine > 0:  # peaks not used yet, outside the accepted masks
+    covered = jnp.any(c["best_mask"] & c["accepted"][:, None, None], axis=0)
+    c_pix = jnp.clip(jnp.floor(c["pts"]).astype(jnp.int32), 0, l - 1)
+    used = jnp.zeros((l, l), bool).at[c_pix[:, 1], c_pix[:, 0]].max(c["ok"])
     t_fine = jnp.maximum(cfg.fine_abs_threshold, cfg.fine_rel_threshold * pmax)
-    f_pts, f_score, f_ok = _top_peaks(is_peak & (prob > t_fine) & ~covered & ~used, prob,
-                                      cfg.k_fine)
-    f_pts, f_score, f_ok = f_pts[0], f_score[0], f_ok[0]
-    f_logits, f_iou, f_in = _decode_stage(decode_fn, f_pts, f_ok, stride)
-    f = _filter_stage(f_logits, f_iou, f_ok, f_pts, region, cfg)
-    cat = lambda a, b: jnp.concatenate([a, b], 0)
-    logits, iou, pts_in = cat(c_logits, f_logits), cat(c_iou, f_iou), cat(c_in, f_in)
-    stab, cand_ok = cat(c["stab"], f["stab"]), cat(c["cand_ok"], f["cand_ok"])
-    accepted = cat(c["accepted"], f["accepted"])
-    p_ok, p_score = cat(c_ok, f_ok), cat(c_score, f_score)
-  else:
-    logits, iou, pts_in, stab, cand_ok = c_logits, c_iou, c_in, c["stab"], c["cand_ok"]
-    accepted, p_ok, p_score = c["accepted"], c_ok, c_score
-  p = logits.shape[0]
+    stages.append(stage(is_peak & (prob > t_fine) & ~covered & ~used, cfg.k_fine))
+  both = {k: jnp.concatenate([st[k] for st in stages], 0) for k in _STAGE_OUTPUTS}
+  return dict(_select_masks(both, region, cfg), threshold=t_coarse)
 
-  # --- candidates of accepted prompts: best `masks_per_prompt` of each ---
+
+_STAGE_OUTPUTS = ("logits", "iou", "pts_in", "stab", "cand_ok", "accepted", "ok", "score")
+
+
+def _stage(candidates: Array, prob: Array, k: int, decode_fn: DecodeFn, region: Array,
+           stride: float, cfg: AsfConfig) -> Dict[str, Array]:
+  """One ASF stage: the best `k` candidate peaks, decoded in one batch,
+  filtered, redundant prompts dropped."""
+  pts, score, ok = (a[0] for a in _top_peaks(candidates, prob, k))
+  logits, iou, pts_in = _decode_stage(decode_fn, pts, ok, stride)
+  out = _filter_stage(logits, iou, ok, pts, region, cfg)
+  return dict(out, pts=pts, score=score, ok=ok, logits=logits, iou=iou, pts_in=pts_in)
+
+
+def _select_masks(s: Dict[str, Array], region: Array, cfg: AsfConfig) -> Dict[str, Array]:
+  """The best `masks_per_prompt` candidates of each accepted prompt, mask
+  NMS over them, the best `max_masks` in fixed slots."""
+  logits, iou, cand_ok, accepted = s["logits"], s["iou"], s["cand_ok"], s["accepted"]
+  p, m, l, _ = logits.shape
   keep_n = min(cfg.masks_per_prompt, m)
   rank = jnp.argsort(jnp.argsort(-jnp.where(cand_ok, iou, -jnp.inf), axis=1, stable=True),
                      axis=1, stable=True)
   cand = cand_ok & accepted[:, None] & (rank < keep_n)  # (P, M)
   flat_iou = iou.reshape(-1)
-  flat_ok = cand.reshape(-1)
   flat_masks = (logits > cfg.mask_threshold).reshape(p * m, l, l) & region
   # Mask NMS over at most P * M candidates (only the chosen ones are valid).
   ious = mask_ops.mask_iou(flat_masks, flat_masks)
-  kept = greedy_suppress(flat_iou, flat_ok, ious > cfg.nms_thresh)
-  n_out = min(cfg.max_masks, p * m)
-  sel, sel_ok = mask_ops.top_k_valid(flat_iou, kept, n_out)
+  kept = greedy_suppress(flat_iou, cand.reshape(-1), ious > cfg.nms_thresh)
+  sel, sel_ok = mask_ops.top_k_valid(flat_iou, kept, min(cfg.max_masks, p * m))
   prompt_idx = sel // m
+  p_ok = s["ok"]
   return dict(
       low_res_logits=logits.reshape(p * m, l, l)[sel],
-      iou=flat_iou[sel], stability=stab.reshape(-1)[sel], mask_index=sel % m,
-      prompt_index=prompt_idx, points_in=pts_in[prompt_idx],
+      iou=flat_iou[sel], stability=s["stab"].reshape(-1)[sel], mask_index=sel % m,
+      prompt_index=prompt_idx, points_in=s["pts_in"][prompt_idx],
       stage=(prompt_idx >= cfg.k_coarse).astype(jnp.int32), valid=sel_ok,
-      prompts_in=pts_in, prompt_scores=jnp.where(p_ok, p_score, 0.0), prompt_valid=p_ok,
+      prompts_in=s["pts_in"], prompt_scores=jnp.where(p_ok, s["score"], 0.0), prompt_valid=p_ok,
       prompt_accepted=accepted, num_prompts=jnp.sum(p_ok.astype(jnp.int32)),
       num_filtered=jnp.sum(cand_ok.astype(jnp.int32)),
-      num_kept=jnp.sum(kept.astype(jnp.int32)), threshold=t_coarse)
+      num_kept=jnp.sum(kept.astype(jnp.int32)))

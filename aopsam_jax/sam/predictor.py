@@ -30,7 +30,7 @@ real row and never mix with real rows (every decoder op is per prompt).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +129,115 @@ def split_sam(model: Sam, dtype=None):
 
 def _round_up(x: int, m: int) -> int:
   return -(-int(x) // m) * m
+
+
+class Prompts(NamedTuple):
+  """Validated prompts with a leading batch axis of `b` (numpy, original frame)."""
+  coords: Optional[np.ndarray]   # (b, N, 2) float
+  labels: Optional[np.ndarray]   # (b, N) int32
+  boxes: Optional[np.ndarray]    # (b, 4) float64 XYXY
+  batched: bool                  # the caller passed a batch (results keep the B axis)
+  b: int
+  mask: Optional[np.ndarray]     # (b, low, low) float32 logits
+
+
+def _check_points(point_coords, point_labels):
+  """-> coords (B, N, 2), labels (B, N) int32, batched."""
+  if point_labels is None:
+    raise ValueError("point_coords need point_labels (1 = foreground, 0 = background)")
+  coords = np.asarray(point_coords)
+  labels = np.asarray(point_labels)
+  if coords.dtype == object or not (np.issubdtype(coords.dtype, np.number)):
+    raise ValueError(f"point_coords must be numeric, got dtype {coords.dtype}")
+  batched = False
+  if coords.ndim == 2 and coords.shape[-1] == 2:
+    if labels.shape != coords.shape[:1]:
+      raise ValueError(f"point_labels must have shape {coords.shape[:1]} for point_coords "
+                       f"{coords.shape}, got {labels.shape}")
+    coords, labels = coords[None], labels[None]
+  elif coords.ndim == 3 and coords.shape[-1] == 2:
+    batched = True
+    if labels.shape != coords.shape[:2]:
+      raise ValueError(f"point_labels must have shape {coords.shape[:2]} for point_coords "
+                       f"{coords.shape}, got {labels.shape}")
+  else:
+    raise ValueError(f"point_coords must be (N, 2) xy, or (B, N, 2) for a batch; got "
+                     f"{coords.shape}")
+  if coords.shape[1] == 0:
+    raise ValueError("point_coords has no points")
+  if not np.isfinite(coords).all():
+    raise ValueError("point_coords contain NaN or inf")
+  if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)
+          or (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))):
+    raise ValueError(f"point_labels must be integers 0/1, got {labels.dtype}")
+  allowed = (0, 1, -1) if batched else (0, 1)
+  if not np.isin(labels, allowed).all():
+    bad = np.unique(labels[~np.isin(labels, allowed)])
+    raise ValueError(f"point_labels must be 1 (foreground) or 0 (background)"
+                     f"{' or -1 (padding)' if batched else ''}; got {bad.tolist()}")
+  return coords, labels.astype(np.int32), batched
+
+
+def _check_box(box, have_points: bool, batched: bool, b: Optional[int]):
+  """-> boxes (B, 4) float64, batched."""
+  bx = np.asarray(box, np.float64) if np.asarray(box).dtype != object else None
+  if bx is None or not (bx.shape == (4,) or (bx.ndim == 2 and bx.shape[1] == 4)):
+    raise ValueError(f"box must be (4,) XYXY, or (B, 4) for a batch; got "
+                     f"{np.shape(box)}")
+  if not np.isfinite(bx).all():
+    raise ValueError("box contains NaN or inf")
+  if bx.ndim == 2:
+    if have_points and not batched:
+      raise ValueError("a (B, 4) box batch needs (B, N, 2) point_coords, got (N, 2)")
+    if b is not None and bx.shape[0] != b:
+      raise ValueError(f"{b} point prompts but {bx.shape[0]} boxes")
+    return bx, True
+  if batched:
+    raise ValueError("batched point_coords (B, N, 2) need boxes of shape (B, 4)")
+  return bx[None], batched
+
+
+def _check_mask(mask_input, b: Optional[int], low: int) -> np.ndarray:
+  """-> (B, low, low) float32 (one mask repeated over B prompts)."""
+  mask = np.asarray(mask_input, np.float32)
+  if mask.ndim == 4 and mask.shape[1] == 1:
+    mask = mask[:, 0]
+  elif mask.ndim == 2:
+    mask = mask[None]
+  if mask.ndim != 3 or mask.shape[1:] != (low, low):
+    raise ValueError(f"mask_input must be low-res logits of shape (1, {low}, {low}) (or "
+                     f"(B, {low}, {low}) / (B, 1, {low}, {low}) for a batch); got "
+                     f"{np.shape(mask_input)}")
+  if b is not None and mask.shape[0] != b:
+    if mask.shape[0] != 1:
+      raise ValueError(f"mask_input has {mask.shape[0]} masks for {b} prompts")
+    mask = np.repeat(mask, b, 0)
+  return mask
+
+
+def check_prompts(point_coords, point_labels, box, mask_input, low_res: int) -> Prompts:
+  """Validate `SamPredictor.predict`'s prompts (ValueError naming the
+  problem) and give them one leading batch axis."""
+  if point_coords is None and box is None and mask_input is None:
+    raise ValueError("predict() needs point_coords (+ point_labels), a box, or mask_input")
+  if point_coords is None and point_labels is not None:
+    raise ValueError("point_labels given without point_coords")
+  coords = labels = boxes = mask = None
+  batched, b = False, None
+  if point_coords is not None:
+    coords, labels, batched = _check_points(point_coords, point_labels)
+    b = coords.shape[0]
+  if box is not None:
+    boxes, batched = _check_box(box, coords is not None, batched, b)
+    b = boxes.shape[0]
+  if mask_input is not None:
+    mask = _check_mask(mask_input, b, low_res)
+  if b == 0:
+    raise ValueError("empty prompt batch")
+  if b is None:  # mask_input alone (allowed by the official predictor)
+    b = mask.shape[0]
+    batched = np.ndim(mask_input) == 4 or mask.shape[0] > 1
+  return Prompts(coords, labels, boxes, batched, b, mask)
 
 
 class SamPredictor:
@@ -266,12 +375,12 @@ class SamPredictor:
     if not isinstance(image_index, (int, np.integer)) or not 0 <= image_index < self.num_images:
       raise ValueError(f"image_index {image_index!r} out of range for {self.num_images} "
                        "embedded image(s)")
-    coords, labels, batched, b, mask = self._check_prompts(point_coords, point_labels, box,
-                                                            mask_input)
+    coords, labels, box_arr, batched, b, mask = check_prompts(
+        point_coords, point_labels, box, mask_input, self.config.low_res_size)
     ohw = self.original_hw[image_index]
     ihw = self.input_hw[image_index]
     pts = apply_coords(coords, ohw, ihw) if coords is not None else None
-    bxs = apply_boxes(box_arr, ohw, ihw) if (box_arr := self._box) is not None else None
+    bxs = apply_boxes(box_arr, ohw, ihw) if box_arr is not None else None
     if pts is None and bxs is None:  # mask-only prompt: no sparse tokens (official)
       tok_c, tok_l = np.zeros((b, 0, 2), np.float32), np.zeros((b, 0), np.int32)
     else:
@@ -303,88 +412,3 @@ class SamPredictor:
       return masks[0], ious[0], lows[0]
     return masks, ious, lows
 
-  def _check_prompts(self, point_coords, point_labels, box, mask_input):
-    self._box = None
-    if point_coords is None and box is None and mask_input is None:
-      raise ValueError("predict() needs point_coords (+ point_labels), a box, or mask_input")
-    if point_coords is None and point_labels is not None:
-      raise ValueError("point_labels given without point_coords")
-    batched = False
-    b = None
-    coords = labels = None
-    if point_coords is not None:
-      if point_labels is None:
-        raise ValueError("point_coords need point_labels (1 = foreground, 0 = background)")
-      coords = np.asarray(point_coords)
-      labels = np.asarray(point_labels)
-      if coords.dtype == object or not (np.issubdtype(coords.dtype, np.number)):
-        raise ValueError(f"point_coords must be numeric, got dtype {coords.dtype}")
-      if coords.ndim == 2 and coords.shape[-1] == 2:
-        if labels.shape != coords.shape[:1]:
-          raise ValueError(f"point_labels must have shape {coords.shape[:1]} for point_coords "
-                           f"{coords.shape}, got {labels.shape}")
-        coords, labels = coords[None], labels[None]
-      elif coords.ndim == 3 and coords.shape[-1] == 2:
-        batched = True
-        if labels.shape != coords.shape[:2]:
-          raise ValueError(f"point_labels must have shape {coords.shape[:2]} for point_coords "
-                           f"{coords.shape}, got {labels.shape}")
-      else:
-        raise ValueError(f"point_coords must be (N, 2) xy, or (B, N, 2) for a batch; got "
-                         f"{coords.shape}")
-      if coords.shape[1] == 0:
-        raise ValueError("point_coords has no points")
-      if not np.isfinite(coords).all():
-        raise ValueError("point_coords contain NaN or inf")
-      if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)
-              or (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))):
-        raise ValueError(f"point_labels must be integers 0/1, got {labels.dtype}")
-      allowed = (0, 1, -1) if batched else (0, 1)
-      if not np.isin(labels, allowed).all():
-        bad = np.unique(labels[~np.isin(labels, allowed)])
-        raise ValueError(f"point_labels must be 1 (foreground) or 0 (background)"
-                         f"{' or -1 (padding)' if batched else ''}; got {bad.tolist()}")
-      labels = labels.astype(np.int32)
-      b = coords.shape[0]
-    if box is not None:
-      bx = np.asarray(box, np.float64) if np.asarray(box).dtype != object else None
-      if bx is None or not (bx.shape == (4,) or (bx.ndim == 2 and bx.shape[1] == 4)):
-        raise ValueError(f"box must be (4,) XYXY, or (B, 4) for a batch; got "
-                         f"{np.shape(box)}")
-      if not np.isfinite(bx).all():
-        raise ValueError("box contains NaN or inf")
-      if bx.ndim == 2:
-        if coords is not None and not batched:
-          raise ValueError("a (B, 4) box batch needs (B, N, 2) point_coords, got (N, 2)")
-        batched = True
-        if b is not None and bx.shape[0] != b:
-          raise ValueError(f"{b} point prompts but {bx.shape[0]} boxes")
-      else:
-        if batched:
-          raise ValueError("batched point_coords (B, N, 2) need boxes of shape (B, 4)")
-        bx = bx[None]
-      b = bx.shape[0]
-      self._box = bx
-    low = self.config.low_res_size
-    mask = None
-    if mask_input is not None:
-      mask = np.asarray(mask_input, np.float32)
-      if mask.ndim == 4 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-      elif mask.ndim == 2:
-        mask = mask[None]
-      if mask.ndim != 3 or mask.shape[1:] != (low, low):
-        raise ValueError(f"mask_input must be low-res logits of shape (1, {low}, {low}) (or "
-                         f"(B, {low}, {low}) / (B, 1, {low}, {low}) for a batch); got "
-                         f"{np.shape(mask_input)}")
-      if b is not None and mask.shape[0] != b:
-        if mask.shape[0] == 1:
-          mask = np.repeat(mask, b, 0)
-        else:
-          raise ValueError(f"mask_input has {mask.shape[0]} masks for {b} prompts")
-    if b == 0:
-      raise ValueError("empty prompt batch")
-    if b is None:  # mask_input alone (allowed by the official predictor)
-      b = mask.shape[0]
-      batched = np.ndim(mask_input) == 4 or mask.shape[0] > 1
-    return coords, labels, batched, b, mask
