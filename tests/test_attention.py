@@ -8,6 +8,7 @@ windows) and a global block larger than the query chunk.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,3 +79,10 @@ def test_predictor_split_keeps_attention(models):
   assert modeling.attention_impl(merged) == "xla"
   assert merged.image_encoder.blocks[0].attn.qkv.dtype == jnp.bfloat16
 
+
+
+def test_auto_is_chunked_on_cpu_and_the_default():
+  m = nnx.eval_shape(lambda: modeling.Sam(CFG, rngs=nnx.Rngs(0)))
+  assert modeling.attention_impl(m) == "auto"
+  assert jax.default_backend() != "cpu" or modeling.resolve_attention("auto") == "chunked"
+  assert modeling.resolve_attention("cudnn") == "cudnn"

@@ -98,7 +98,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Array) -> Array:
   return rel_pos[rel.astype(jnp.int32)]
 
 
-ATTENTION_IMPLS = ("chunked", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "chunked", "xla", "cudnn")
 
 
 def rel_pos_terms(q: Array, rh: Array, rw: Array) -> Tuple[Array, Array]:
@@ -127,10 +127,14 @@ class EncoderAttention(nnx.Module):
       materialised as an additive (B, nh, N, N) bias, so XLA (or cuDNN's fused
       flash attention, bfloat16/float16 only) sees one attention op.  Meant
       for accelerators.
+    * "auto" (the default of `Sam`): "chunked" on CPU, "xla" elsewhere,
+      decided when the program is traced.  Measured on an H100 (vit_h, batch
+      1): float32 chunked 56.1 ms, xla 48.1 ms; bfloat16 chunked 42.8, xla
+      38.3, cudnn 31.5 ms (cudnn is opt-in: its bias is rounded to bfloat16).
   """
 
   def __init__(self, dim: int, num_heads: int, input_size: Tuple[int, int], rngs: nnx.Rngs,
-               dtype=None, query_chunk: int = 64, impl: str = "chunked"):
+               dtype=None, query_chunk: int = 64, impl: str = "auto"):
     self.num_heads = num_heads
     head_dim = dim // num_heads
     self.scale = head_dim**-0.5
@@ -142,7 +146,7 @@ class EncoderAttention(nnx.Module):
     self.impl = check_attention_impl(impl)
 
   def __call__(self, x: Array) -> Array:
-    if self.impl == "chunked":
+    if resolve_attention(self.impl) == "chunked":
       return self._chunked(x)
     return self._fused(x)
 
@@ -158,10 +162,11 @@ class EncoderAttention(nnx.Module):
     rel_h, rel_w = rel_pos_terms(q4, rh, rw)
     bias = (rel_h.astype(jnp.float32)[..., :, None] + rel_w.astype(jnp.float32)[..., None, :])
     bias = bias.reshape(b, nh, h * w, h * w)
-    if self.impl == "cudnn":
+    impl = resolve_attention(self.impl)
+    if impl == "cudnn":
       bias = bias.astype(q.dtype)  # cuDNN takes the bias in the operands' dtype
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=self.scale,
-                                       implementation=self.impl)
+                                       implementation=impl)
     return self.proj(out.reshape(b, h, w, c))
 
   def _chunked(self, x: Array) -> Array:
@@ -198,6 +203,13 @@ class EncoderAttention(nnx.Module):
     return self.proj(out)
 
 
+def resolve_attention(impl: str) -> str:
+  """"auto" -> the measured best default of the backend being traced for."""
+  if impl != "auto":
+    return impl
+  return "chunked" if jax.default_backend() == "cpu" else "xla"
+
+
 def check_attention_impl(impl: str) -> str:
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {impl!r}; expected one of "
@@ -216,11 +228,11 @@ def set_attention(model: nnx.Module, impl: str) -> nnx.Module:
 
 
 def attention_impl(model: nnx.Module) -> str:
-  """The encoder attention implementation of `model` ("chunked" if it has none)."""
+  """The encoder attention implementation of `model` ("auto" if it has none)."""
   for _, m in nnx.iter_graph(model):
     if isinstance(m, EncoderAttention):
       return m.impl
-  return "chunked"
+  return "auto"
 
 
 def window_partition(x: Array, window: int) -> Tuple[Array, Tuple[int, int]]:
@@ -558,7 +570,7 @@ class Sam(nnx.Module):
   see `EncoderAttention`; `set_attention` switches an existing model).
   """
 
-  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None, attention: str = "chunked"):
+  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs, dtype=None, attention: str = "auto"):
     self.config = cfg
     encoder = TinyViT if cfg.encoder_kind == "tiny_vit" else ImageEncoderViT
     self.image_encoder = encoder(cfg, rngs, dtype)
