@@ -97,6 +97,27 @@ def _torch_predict(tp, pts, lab, batch: int, multimask: bool = True):
   return outs
 
 
+def _enc_flops(cfg) -> float:
+  from benchmarks.device_check import encoder_flops
+  return encoder_flops(cfg)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5):
+  """(JAX, torch) float32 matmul GFLOP/s on this machine: best of `repeats`."""
+  import numpy as np
+  import torch
+  import jax
+  import jax.numpy as jnp
+  a = np.random.default_rng(0).standard_normal((2, n, n)).astype(np.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  x, y = jnp.asarray(a[0]), jnp.asarray(a[1])
+  f(x, y).block_until_ready()
+  tj = min(_timed(lambda: f(x, y).block_until_ready())[0] for _ in range(repeats))
+  xt, yt = torch.as_tensor(a[0]), torch.as_tensor(a[1])
+  tt = min(_timed(lambda: xt @ yt)[0] for _ in range(repeats))
+  return 2 * n ** 3 / tj / 1e9, 2 * n ** 3 / tt / 1e9
+
+
 def _timed(fn):
   t0 = time.perf_counter()
   out = fn()
@@ -182,6 +203,7 @@ def bench(args) -> str:
     t_torch.append(dt)
     print(f"  encoder  jax {t_jax[-1]:.3f}s  torch {t_torch[-1]:.3f}s", flush=True)
   enc_jax, enc_torch = statistics.median(t_jax), statistics.median(t_torch)
+  peak_jax, peak_torch = matmul_peak()
   emb_err = _rel(np.asarray(emb[0]), tp.features[0].permute(1, 2, 0).numpy())
   p.set_image(image)
 
@@ -239,6 +261,11 @@ def bench(args) -> str:
       f"| image encoder, min (s) | {min(t_jax):.3f} | {min(t_torch):.3f} | "
       f"{min(t_jax) / min(t_torch):.2f} |",
       f"| encoder compile (s) | {max(t_first - enc_jax, 0):.1f} | - | |",
+      f"| encoder GFLOP/s (median run; {_enc_flops(cfg) / 1e12:.2f} TFLOP per image) | "
+      f"{_enc_flops(cfg) / enc_jax / 1e9:.0f} | {_enc_flops(cfg) / enc_torch / 1e9:.0f} | |",
+      f"| float32 matmul peak, 2048^3, same run (GFLOP/s) | {peak_jax:.0f} | {peak_torch:.0f} | |",
+      f"| encoder share of the matmul peak | {_enc_flops(cfg) / enc_jax / 1e9 / peak_jax:.0%} | "
+      f"{_enc_flops(cfg) / enc_torch / 1e9 / peak_torch:.0%} | |",
   ]
   for r in rows:
     lines.append(f"| {r['n']} prompts -> masks, median of {args.decoder_repeats} (s) | "

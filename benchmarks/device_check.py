@@ -91,7 +91,7 @@ def make_plan(args) -> Plan:
   variants = [Spec.parse(v) for v in args.variants.split(",") if v]
   return Plan(variants=variants, batches=[1, 8], aop_batches=[1, 8],
               prompts=[1, 64], amg_sides={"AMG_S": 16, "AMG_D": 32}, parity_model="vit_b",
-              matmul_n=8192, max_repeats=10, repeat_s=3.0,
+              matmul_n=8192 if jax.default_backend() != "cpu" else 2048, max_repeats=10, repeat_s=3.0,
               train_models=args.train_models.split(",") if args.train_models else [],
               train_batch=8, image_hw=(768, 1024), min_left=1.0)
 
