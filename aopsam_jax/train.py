@@ -32,8 +32,10 @@ What happens:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -49,67 +51,72 @@ flags.DEFINE_bool("compile_cache", True, "Keep compiled programs on disk (aopsam
                   "--nocompile_cache turns it off.")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """The whole run; returns the final metrics (also in metrics.jsonl)."""
-  import grain
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import orbax.checkpoint as ocp
-  from flax import nnx
-  from tqdm import tqdm
+@dataclasses.dataclass
+class Data:
+  """The run's data: sources, the (checkpointable) train iterator, the evaluator."""
+  train_src: Any
+  train_iter: Any
+  val_src: Any
+  val_tr: Any
+  evaluator: Any
 
+
+@dataclasses.dataclass
+class Model:
+  """The predictor's graph and config, the optimizer and the jitted steps."""
+  pp_cfg: Any
+  graphdef: Any
+  tx: Any
+  sched: Any
+  enc_state: Any   # replicated SAM encoder state (online mode) or None
+  train_step: Any
+  eval_step: Any
+
+
+def load_frozen_sam(config):
   from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import build_model, load_sam
+  if config.sam.checkpoint:
+    return load_sam(config.sam.checkpoint)
+  logging.warning("SAM %s with RANDOM weights (seed %d): its embedding carries no learned "
+                  "information; the predictor must rely on its image branch.",
+                  config.sam.model, config.sam.seed)
+  return build_model(get_sam_config(config.sam.model), seed=config.sam.seed)
+
+
+def setup_data(config, sam, mode: str, target_cfg) -> Data:
+  """Records (and the embedding cache) prepared by every process for its
+  share, then this process' slice of each global batch."""
+  import jax
+
   from aopsam_jax.data import pipeline
   from aopsam_jax.data.augment import AugmentConfig
   from aopsam_jax.sam.config import config_from_dict
-  from aopsam_jax.data.targets import TargetConfig
   from aopsam_jax.sam.params import encoder_fingerprint
-  from aopsam_jax.sam.params import build_model, load_sam
-  from aopsam_jax.sam.flat_state import count_params
-  from aopsam_jax.aop.prompt_predictor import (PromptPredictor, PromptPredictorConfig,
-                                           forward_flops, save_predictor)
-  from aopsam_jax.trainer import data_setup, io, steps
+  from aopsam_jax.trainer import data_setup
   from aopsam_jax.trainer.evaluation import PromptEvaluator
-
-  workdir = os.path.abspath(os.path.expanduser(workdir))
   pidx, pcount = jax.process_index(), jax.process_count()
-  is_main = pidx == 0
-  os.makedirs(workdir, exist_ok=True)
-  mesh = steps.make_mesh()
-  gbatch = config.batch_size
-  if gbatch % jax.device_count():
-    raise ValueError(f"batch_size {gbatch} must be divisible by the {jax.device_count()} devices")
-
-  # --- frozen SAM encoder -----------------------------------------------------
-  if config.sam.checkpoint:
-    sam = load_sam(config.sam.checkpoint)
-  else:
-    logging.warning("SAM %s with RANDOM weights (seed %d): its embedding carries no learned "
-                    "information; the predictor must rely on its image branch.",
-                    config.sam.model, config.sam.seed)
-    sam = build_model(get_sam_config(config.sam.model), seed=config.sam.seed)
-  mode = config.embeddings
-  if mode not in ("cache", "online"):
-    raise ValueError(f"config.embeddings must be 'cache' or 'online', got {mode!r}")
   fingerprint = encoder_fingerprint(sam) if mode == "cache" else None
-
-  # --- data ---------------------------------------------------------------------
-  target_cfg = TargetConfig(img_size=sam.config.img_size, **config.targets)
-  # every process prepares its share of the records / cache shards (data.records)
   par = dict(process_index=pidx, process_count=pcount, barrier=data_setup.barrier_fn(pcount),
-             progress=is_main)
+             progress=pidx == 0)
   aug_cfg = config_from_dict(AugmentConfig, dict(config.data.get("augment", {})), "data.augment")
   train_src, train_tr = data_setup.make_split(config.data, config.data.train, mode, target_cfg,
                                               sam=sam, fingerprint=fingerprint, augment=aug_cfg, **par)
   val_src, val_tr = data_setup.make_split(config.data, config.data.val, mode, target_cfg,
                                           sam=sam, fingerprint=fingerprint, **par)
-  train_ds = pipeline.train_dataset(train_src, train_tr, gbatch, config.data.seed, pidx, pcount,
-                                    worker_count=config.data.worker_count)
-  train_iter = iter(train_ds)
+  train_ds = pipeline.train_dataset(train_src, train_tr, config.batch_size, config.data.seed, pidx,
+                                    pcount, worker_count=config.data.worker_count)
   evaluator = PromptEvaluator(data_setup.annotations_of(val_src), target_cfg)
+  return Data(train_src, iter(train_ds), val_src, val_tr, evaluator)
 
-  # --- model, optimizer, steps --------------------------------------------------
+
+def setup_model(config, sam, mode: str, mesh):
+  """(Model, replicated train state {"params", "opt_state", "step"})."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from aopsam_jax.aop.prompt_predictor import PromptPredictor, PromptPredictorConfig
+  from aopsam_jax.trainer import steps
   pp_cfg = PromptPredictorConfig.from_dict(config.model.to_dict())
   model = PromptPredictor(pp_cfg, rngs=nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model)
@@ -120,98 +127,165 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            "step": jnp.zeros((), jnp.int32)}, mesh)
   train_step, eval_step = steps.build_steps(graphdef, tx, config.loss, mesh, enc_graphdef,
                                             tuple(config.eval_ks), config.nms_kernel)
-  writer = io.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
-  if is_main:
-    info = {"params": count_params(model), "gflops_per_image": forward_flops(model) / 1e9,
-            "devices": jax.device_count(), "processes": pcount, "train_images": len(train_src),
-            "val_images": len(val_src)}
-    logging.info("prompt predictor: %s", info)
-    writer.write("info", 0, info)
+  return Model(pp_cfg, graphdef, tx, sched, enc_state, train_step, eval_step), state
 
-  # --- checkpoints: resume automatically ---------------------------------------
+
+def log_info(writer, model_obj, data: Data) -> None:
+  import jax
+
+  from aopsam_jax.aop.prompt_predictor import forward_flops
+  from aopsam_jax.sam.flat_state import count_params
+  info = {"params": count_params(model_obj), "gflops_per_image": forward_flops(model_obj) / 1e9,
+          "devices": jax.device_count(), "processes": jax.process_count(),
+          "train_images": len(data.train_src), "val_images": len(data.val_src)}
+  logging.info("prompt predictor: %s", info)
+  writer.write("info", 0, info)
+
+
+def open_checkpoints(workdir: str, config, state, train_iter):
+  """Orbax manager over (state, grain iterator); restores the latest step.
+  -> (manager, start step, state)."""
+  import grain
+  import jax
+  import orbax.checkpoint as ocp
   mngr = ocp.CheckpointManager(
       os.path.join(workdir, "checkpoints"), item_names=("state", "data"),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_ckpts,
                                            save_interval_steps=config.ckpt_every,
                                            enable_async_checkpointing=False))
-  start = 0
-  if mngr.latest_step() is not None:
-    start = mngr.latest_step()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
-    restored = mngr.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(train_iter)))
-    state = restored["state"]
-    logging.info("resumed from step %d", start)
+  start = mngr.latest_step()
+  if start is None:
+    return mngr, 0, state
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = mngr.restore(start, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      data=grain.checkpoint.CheckpointRestore(train_iter)))
+  logging.info("resumed from step %d", start)
+  return mngr, start, restored["state"]
 
+
+def save_checkpoint(mngr, step: int, state, train_iter, force: bool) -> None:
+  import grain
+  import orbax.checkpoint as ocp
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=grain.checkpoint.CheckpointSave(train_iter)),
+            force=force)
+
+
+def evaluate(config, data: Data, m: Model, params, mesh, writer, step: int, last_peaks: dict):
+  """Validation loss and prompt metrics at k = eval_ks (+ grid baselines);
+  the peaks are kept in `last_peaks` for the example picture."""
+  import jax
+  import numpy as np
+
+  from aopsam_jax.data import pipeline
+  from aopsam_jax.trainer import steps
+  eval_iter = iter(pipeline.eval_dataset(data.val_src, data.val_tr, config.eval_batch_size,
+                                         jax.process_index(), jax.process_count()))
+  ids, peaks, loss_sum, pos_sum = [], {f"k{k}": ([], []) for k in config.eval_ks}, 0.0, 0.0
+  for local in eval_iter:
+    valid = steps.fetch(steps.to_global(mesh, {"v": local.pop("valid")})["v"])
+    iid = steps.fetch(steps.to_global(mesh, {"i": local.pop("image_id")})["i"])
+    out = m.eval_step(params, steps.to_global(mesh, local), m.enc_state)
+    # per-batch loss is normalised by its positives: accumulate sums
+    loss_sum += float(out["loss"]) * max(float(out["num_pos"]), 1.0)
+    pos_sum += float(out["num_pos"])
+    ids.extend(iid[valid].tolist())
+    for k in config.eval_ks:
+      peaks[f"k{k}"][0].append(steps.fetch(out[f"k{k}_coords"])[valid])
+      peaks[f"k{k}"][1].append(steps.fetch(out[f"k{k}_valid"])[valid])
+  peaks = {n: (np.concatenate(c), np.concatenate(v)) for n, (c, v) in peaks.items()}
+  last_peaks.update(ids=ids, peaks=peaks)
+  res = {"loss": loss_sum / max(pos_sum, 1.0), **data.evaluator.evaluate(ids, peaks)}
+  for n in config.grid_baselines:
+    res.update(data.evaluator.grid_baseline(ids, n))
+  writer.write("eval", step, res)
+  return res
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """The whole run; returns the final metrics (also in metrics.jsonl)."""
+  import jax
+  from flax import nnx
+
+  from aopsam_jax.aop.prompt_predictor import save_predictor
+  from aopsam_jax.data.targets import TargetConfig
+  from aopsam_jax.trainer import io, steps
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = steps.make_mesh()
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
+                     f"{jax.device_count()} devices")
+  sam = load_frozen_sam(config)
+  mode = config.embeddings
+  if mode not in ("cache", "online"):
+    raise ValueError(f"config.embeddings must be 'cache' or 'online', got {mode!r}")
+  target_cfg = TargetConfig(img_size=sam.config.img_size, **config.targets)
+  data = setup_data(config, sam, mode, target_cfg)
+  m, state = setup_model(config, sam, mode, mesh)
+  writer = io.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
+  if is_main:
+    log_info(writer, nnx.merge(m.graphdef, state["params"]), data)
+  mngr, start, state = open_checkpoints(workdir, config, state, data.train_iter)
   last_peaks = {}  # the latest evaluation's peaks, for the example picture
+  run_eval = lambda state, step: evaluate(config, data, m, state["params"], mesh, writer, step,
+                                          last_peaks)
+  state, last, res = train_loop(config, data, m, state, start, mesh, mngr, writer, run_eval)
+  mngr.wait_until_finished()
+  if not res:
+    res = run_eval(state, config.total_steps)
+  if is_main:
+    save_predictor(os.path.join(workdir, "predictor"), nnx.merge(m.graphdef, steps.fetch_tree(
+        state["params"])), m.pp_cfg, metadata={"steps": str(config.total_steps),
+                                               "sam_model": config.sam.model})
+    io.plot_curves(workdir)
+    plot_examples(workdir, config, data.val_src, data.evaluator, last_peaks)
+  writer.close()
+  mngr.close()
+  return {"train": last, "eval": res}
 
-  def evaluate(step):
-    eval_iter = iter(pipeline.eval_dataset(val_src, val_tr, config.eval_batch_size, pidx, pcount))
-    ids, peaks, loss_sum, pos_sum = [], {f"k{k}": ([], []) for k in config.eval_ks}, 0.0, 0.0
-    for local in eval_iter:
-      valid = steps.fetch(steps.to_global(mesh, {"v": local.pop("valid")})["v"])
-      iid = steps.fetch(steps.to_global(mesh, {"i": local.pop("image_id")})["i"])
-      out = eval_step(state["params"], steps.to_global(mesh, local), enc_state)
-      # per-batch loss is normalised by its positives: accumulate sums
-      loss_sum += float(out["loss"]) * max(float(out["num_pos"]), 1.0)
-      pos_sum += float(out["num_pos"])
-      ids.extend(iid[valid].tolist())
-      for k in config.eval_ks:
-        peaks[f"k{k}"][0].append(steps.fetch(out[f"k{k}_coords"])[valid])
-        peaks[f"k{k}"][1].append(steps.fetch(out[f"k{k}_valid"])[valid])
-    peaks = {n: (np.concatenate(c), np.concatenate(v)) for n, (c, v) in peaks.items()}
-    last_peaks.update(ids=ids, peaks=peaks)
-    res = {"loss": loss_sum / max(pos_sum, 1.0), **evaluator.evaluate(ids, peaks)}
-    for n in config.grid_baselines:
-      res.update(evaluator.grid_baseline(ids, n))
-    writer.write("eval", step, res)
-    return res
 
-  # --- loop ------------------------------------------------------------------
-  total = config.total_steps
+def train_loop(config, data: Data, m: Model, state, start: int, mesh, mngr, writer, run_eval):
+  """Steps start..total_steps with logging, checkpoints and evaluations.
+  -> (state, last logged train metrics, last evaluation or {})."""
+  import jax
+  from tqdm import tqdm
+
+  from aopsam_jax.trainer import steps
+  total, gbatch = config.total_steps, config.batch_size
+  is_main = jax.process_index() == 0
+  train_step = m.train_step
   if is_main:
     from aopsam_jax import compile_cache
     train_step = compile_cache.announce_first_call(train_step, "the train step",
                                                    write=lambda line: tqdm.write(line))
   bar = tqdm(total=total, initial=start, disable=not is_main, desc="train", dynamic_ncols=True)
-  t0, n0, last = time.perf_counter(), start, {}
-  res = {}
+  t0, n0, last, res = time.perf_counter(), start, {}, {}
   for step in range(start, total):
-    batch = next(train_iter)
+    batch = next(data.train_iter)
     batch.pop("image_id")
-    state, m = train_step(state, steps.to_global(mesh, batch), enc_state)
+    state, metrics = train_step(state, steps.to_global(mesh, batch), m.enc_state)
     done = step + 1
     if done % config.log_every == 0 or done == total:
-      m = {k: float(v) for k, v in m.items()}
-      dt = time.perf_counter() - t0
-      rate = (done - n0) / max(dt, 1e-9)
-      m.update(lr=float(sched(done - 1)), steps_per_s=rate, images_per_s=rate * gbatch)
-      writer.write("train", done, m)
-      bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{rate * gbatch:.2f}")
-      t0, n0, last = time.perf_counter(), done, m
+      metrics = {k: float(v) for k, v in metrics.items()}
+      rate = (done - n0) / max(time.perf_counter() - t0, 1e-9)
+      metrics.update(lr=float(m.sched(done - 1)), steps_per_s=rate, images_per_s=rate * gbatch)
+      writer.write("train", done, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate * gbatch:.2f}")
+      t0, n0, last = time.perf_counter(), done, metrics
     bar.update(1)
     if done % config.ckpt_every == 0 or done == total:
-      mngr.save(done, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(train_iter)), force=done == total)
+      save_checkpoint(mngr, done, state, data.train_iter, force=done == total)
     if (config.eval_every and done % config.eval_every == 0) or done == total:
-      res = evaluate(done)
+      res = run_eval(state, done)
       bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())
                                              if k.endswith(("recall", "loss", "precision"))))
   bar.close()
-  mngr.wait_until_finished()
-  if not res:
-    res = evaluate(total)
-  if is_main:
-    save_predictor(os.path.join(workdir, "predictor"), nnx.merge(graphdef, steps.fetch_tree(
-        state["params"])), pp_cfg, metadata={"steps": str(total), "sam_model": config.sam.model})
-    io.plot_curves(workdir)
-    plot_examples(workdir, config, val_src, evaluator, last_peaks)
-  writer.close()
-  mngr.close()
-  return {"train": last, "eval": res}
+  return state, last, res
 
 
 def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 6) -> str:

@@ -116,3 +116,21 @@ def test_no_import_cycles():
                                           ("aopsam_jax.segment", APP_LAYER)])
 def test_layer_table(mod, expected):
   assert mod in MODULES and layer_of(mod) == expected
+
+
+MAX_FUNCTION_LINES = 80
+# Functions allowed over the limit, with the reason.  Empty: keep it so.
+LONG_FUNCTION_ALLOW = {}
+
+
+def test_no_long_functions():
+  """No function or method in the library is longer than ~80 lines (a
+  function that long does several things: split it)."""
+  long = []
+  for mod, path in sorted(MODULES.items()):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        n = node.end_lineno - node.lineno + 1
+        if n > MAX_FUNCTION_LINES and f"{mod}.{node.name}" not in LONG_FUNCTION_ALLOW:
+          long.append(f"{mod}.{node.name}: {n} lines ({path}:{node.lineno})")
+  assert not long, "functions over the limit:\n" + "\n".join(long)
