@@ -51,7 +51,7 @@ class AsfConfig:
   """ASF settings (hashable: a static argument of the jitted pipeline).
 
   Prompt budget: k_coarse + k_fine = 32 = 1/8 of AMG_S's 256 prompts (the
-  target of issue #5).  `peak_kernel` was chosen by measurement
+  AoP-SAM efficiency target).  `peak_kernel` was chosen by measurement
   (`benchmarks/sweep_asf.py`, shipped predictor, coco_tiny val, results in
   BENCHMARKS.md): prompt recall at 32 prompts/image was 0.416 / 0.447 /
   0.472 / 0.474 / 0.479 for windows 3 / 7 / 11 / 15 / 21 (precision falling

@@ -46,10 +46,6 @@ DEFAULT_SPLITS = {
     "train": ("annotations/instances_train2017.json", "train2017"),
     "val": ("annotations/instances_val2017.json", "val2017"),
 }
-LVIS_SPLITS = {
-    "train": ("annotations/lvis_v1_train.json", "train2017"),
-    "val": ("annotations/lvis_v1_val.json", "val2017"),
-}
 _MAX_WARNINGS = 20  # individual bad-annotation warnings before a summary
 
 

@@ -94,7 +94,7 @@ class SamConfig:
 
   def to_json(self) -> str:
     d = dataclasses.asdict(self)
-    if d["tiny_vit"] is None:  # ViT configs serialise (and fingerprint) as before
+    if d["tiny_vit"] is None:  # ViT configs carry no tiny_vit key: stored fingerprints stay valid
       del d["tiny_vit"]
     return json.dumps(d, sort_keys=True)
 

@@ -247,18 +247,14 @@ def load_image(image: Any, *, alpha: str = "composite",
     return _load_path(os.fspath(image), alpha, background, max_pixels)
   if isinstance(image, bytes):
     raise ValueError("load_image got bytes; pass a path, or io.BytesIO via PIL.Image.open")
-  try:
-    from PIL import Image
-    if isinstance(image, Image.Image):
-      from PIL import ImageOps
-      w, h = image.size
-      if max_pixels is not None and w * h > max_pixels:
-        raise ValueError(f"image is {w}x{h}, above the limit of {max_pixels} pixels")
-      if _orientation(image) != 1:
-        image = ImageOps.exif_transpose(image)  # a transposed copy
-      return _pil_to_rgb(image, alpha, background, "PIL image")
-  except ImportError:  # pragma: no cover
-    pass
+  from PIL import Image, ImageOps
+  if isinstance(image, Image.Image):
+    w, h = image.size
+    if max_pixels is not None and w * h > max_pixels:
+      raise ValueError(f"image is {w}x{h}, above the limit of {max_pixels} pixels")
+    if _orientation(image) != 1:
+      image = ImageOps.exif_transpose(image)  # a transposed copy
+    return _pil_to_rgb(image, alpha, background, "PIL image")
   a = np.asarray(image)
   if a.dtype == object:
     raise ValueError(f"cannot interpret {type(image).__name__} as an image")

@@ -88,12 +88,6 @@ def apply_boxes(boxes: np.ndarray, original_hw, input_hw) -> np.ndarray:
   return apply_coords(boxes.reshape(-1, 2, 2), original_hw, input_hw).reshape(boxes.shape)
 
 
-def apply_coords_jax(coords: jax.Array, original_hw: jax.Array, input_hw: jax.Array) -> jax.Array:
-  """Traced version of `apply_coords` (float32)."""
-  scale = input_hw[..., ::-1].astype(jnp.float32) / original_hw[..., ::-1].astype(jnp.float32)
-  return coords * scale[..., None, :] if coords.ndim > scale.ndim else coords * scale
-
-
 def interp_matrix(out_len: int, out_valid, in_len: int, in_valid) -> jax.Array:
   """(out_len, in_len) matrix of torch bilinear (align_corners=False) resizing
   from the first `in_valid` input samples to `out_valid` output samples.
