@@ -31,30 +31,10 @@ import numpy as np
 from flax import nnx
 
 from aopsam_jax.sam.config import SamConfig, TinyViTConfig
+from aopsam_jax.sam.norm import LayerNorm, gelu
 
 Array = jax.Array
 BN_EPS = 1e-5
-
-
-def gelu(x: Array) -> Array:
-  return jax.nn.gelu(x, approximate=False)
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis in float32 (two-pass variance)."""
-
-  def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-    self.eps = eps
-
-  def __call__(self, x: Array) -> Array:
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(dtype)
 
 
 class ConvBN(nnx.Module):
