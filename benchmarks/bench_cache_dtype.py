@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 
 from aopsam_jax.aop import bundle as bundle_lib  # noqa: E402
 from aopsam_jax.aop.peaks import extract_peaks  # noqa: E402
-from aopsam_jax.aop.prompt_predictor import downsample_image  # noqa: E402
+from aopsam_jax.aop.prompt_predictor import predictor_inputs  # noqa: E402
 from aopsam_jax.data import embedding_cache as ec  # noqa: E402
 from aopsam_jax.sam import transforms  # noqa: E402
 from aopsam_jax.sam.image_io import load_image  # noqa: E402
@@ -47,8 +47,7 @@ def main():
 
   @jax.jit
   def encode(enc_s, padded, hw):
-    x = transforms.preprocess(padded, hw)
-    return nnx.merge(enc_g, enc_s)(x), downsample_image(x)
+    return predictor_inputs(nnx.merge(enc_g, enc_s), padded, hw)
 
   @jax.jit
   def predict(pp_s, emb, small):
