@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import os
 import sys
 
 from aopsam_jax.aop.asf import AsfConfig
@@ -13,19 +13,36 @@ from aopsam_jax.sam.config import get_sam_config
 from aopsam_jax.sam.params import build_model, load_sam
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
+def _sam_random(text: str):
+  """'vit_tiny_test:0' -> ('vit_tiny_test', 0); argparse error otherwise."""
+  import argparse
+
+  from aopsam_jax.sam.config import SAM_CONFIGS
+  model, _, seed = text.partition(":")
+  if model not in SAM_CONFIGS:
+    raise argparse.ArgumentTypeError(f"unknown SAM model {model!r} in {text!r}; one of "
+                                     f"{', '.join(SAM_CONFIGS)} (as MODEL:SEED)")
+  try:
+    return model, int(seed or 0)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"the seed in {text!r} is not a whole number") from None
+
+
+def build_parser():
+  from aopsam_jax.cli import EXIT_STATUS_HELP, ArgumentParser
+  p = ArgumentParser(
       prog="python -m aopsam_jax.bundle",
       description="Package a trained prompt predictor (the `predictor/` folder that "
                   "`python -m aopsam_jax.train` writes into its workdir) with the SAM it was "
                   "trained on and an ASF config into one AoP-SAM bundle directory, loadable "
-                  "with `aopsam_jax.aop.bundle.load_bundle(DIR)` and `segment --bundle DIR`.")
+                  "with `aopsam_jax.aop.bundle.load_bundle(DIR)` and `segment --bundle DIR`.",
+      epilog=EXIT_STATUS_HELP)
   p.add_argument("--predictor", required=True,
                  help="predictor directory (config.json + params.safetensors), e.g. WORKDIR/predictor")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--sam-checkpoint", help="converted SAM weights (.safetensors) the predictor "
                                             "was trained on; copied into the bundle")
-  src.add_argument("--sam-random", metavar="MODEL:SEED",
+  src.add_argument("--sam-random", metavar="MODEL:SEED", type=_sam_random,
                    help="the predictor was trained on a RANDOM-init SAM (e.g. vit_tiny_test:0); only "
                         "the model name and seed are stored")
   p.add_argument("--asf", action="append", default=[], metavar="FIELD=VALUE",
@@ -34,22 +51,46 @@ def main(argv=None) -> int:
   p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                  help="metadata entry stored in bundle.json (repeatable), e.g. --meta train_steps=400")
   p.add_argument("--out", required=True, help="bundle directory to write")
+  return p
+
+
+def main(argv=None) -> int:
+  from aopsam_jax.cli import run_main
+  return run_main(_main, argv, "bundle")
+
+
+def _main(argv) -> int:
+  from aopsam_jax.cli import UsageError, WorkError
+  p = build_parser()
   a = p.parse_args(argv)
   try:
     over, meta = parse_overrides(a.asf, "--asf"), parse_overrides(a.meta, "--meta")
   except ValueError as e:
     p.error(str(e))
-  predictor, _ = load_predictor(a.predictor)
-  asf_cfg = asf_from_dict({**dataclasses.asdict(AsfConfig()), **over})
-  if a.sam_random:
-    model, _, seed = a.sam_random.partition(":")
-    random_init = {"model": model, "seed": int(seed or 0)}
-    sam = build_model(get_sam_config(model), seed=random_init["seed"])
-  else:
-    random_init, sam = None, load_sam(a.sam_checkpoint)
+  if not os.path.isfile(os.path.join(a.predictor, "config.json")):
+    raise UsageError(f"--predictor {a.predictor}: no predictor there (needs config.json and "
+                     "params.safetensors, as WORKDIR/predictor after training)")
+  if a.sam_checkpoint and not os.path.isfile(a.sam_checkpoint):
+    raise UsageError(f"--sam-checkpoint {a.sam_checkpoint}: no such file")
+  if os.path.exists(a.out) and not os.path.isdir(a.out):
+    raise UsageError(f"--out {a.out} is an existing file; give a directory")
+  try:
+    asf_cfg = asf_from_dict({**dataclasses.asdict(AsfConfig()), **over})
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--asf: {e}") from None
+  try:
+    predictor, _ = load_predictor(a.predictor)
+    if a.sam_random:
+      random_init = {"model": a.sam_random[0], "seed": a.sam_random[1]}
+      sam = build_model(get_sam_config(random_init["model"]), seed=random_init["seed"])
+    else:
+      random_init, sam = None, load_sam(a.sam_checkpoint)
+  except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+    raise WorkError(str(e)) from None
   save_bundle(a.out, sam, predictor, asf_cfg, random_init=random_init, notes=a.notes,
               metadata=meta)
-  print(f"wrote bundle {a.out} (SAM: {a.sam_random or a.sam_checkpoint})")
+  sam_desc = f"{a.sam_random[0]}:{a.sam_random[1]} (random)" if a.sam_random else a.sam_checkpoint
+  print(f"wrote bundle {a.out} (SAM: {sam_desc})")
   return 0
 
 

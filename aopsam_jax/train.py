@@ -28,6 +28,16 @@ What happens:
     predicted prompts and the instances they missed) and the trained
     predictor (`<workdir>/predictor`, see `prompt_predictor.load_predictor`)
     at the end.
+  * guards (`trainer.workdir`), before any work: a lock in the workdir (a
+    second run into it stops at once), the run's config stored as
+    `<workdir>/config.json` and compared on restart (keys that do not match
+    the checkpoints are named; total_steps and the logging / evaluation
+    cadence may change), loop settings checked (total_steps >= 1).
+
+Exit status: 0 when training finished; 1 when it could not run or failed (the
+workdir is in use by another run, an unusable dataset; one line names the
+cause); 2 for a usage error (a missing flag, an impossible setting, a config
+that does not match the workdir's checkpoints), reported before any work.
 """
 
 from __future__ import annotations
@@ -204,8 +214,50 @@ def evaluate(config, data: Data, m: Model, params, mesh, writer, step: int, last
   return res
 
 
+def check_loop_config(config) -> None:
+  """Loop settings that cannot work, as `UsageError` (before anything is loaded)."""
+  from aopsam_jax.cli import UsageError
+  for key, low in (("total_steps", 1), ("batch_size", 1), ("log_every", 1), ("ckpt_every", 1),
+                   ("eval_every", 0), ("eval_batch_size", 1)):
+    value = config.get(key)
+    if value is None:
+      continue
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      hint = " (a run of 0 steps would save an untrained predictor)" if key == "total_steps" else ""
+      raise UsageError(f"--config.{key}={value!r}: must be a whole number >= {low}{hint}")
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  ckpt = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """The whole run; returns the final metrics (also in metrics.jsonl)."""
+  """The whole run; returns the final metrics (also in metrics.jsonl).
+
+  Before any work: the loop settings are checked (`UsageError`), the workdir
+  is locked against a second run (`workdir.WorkdirBusy`) and its stored
+  config compared with this one (`workdir.ConfigMismatch` names the keys).
+  """
+  import jax
+
+  from aopsam_jax.trainer import workdir as wd
+  check_loop_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  lock = wd.WorkdirLock(workdir).acquire() if is_main else None  # one lock per run
+  try:
+    for note in wd.check_config(workdir, config.to_dict(), _has_checkpoints(workdir),
+                                write=is_main):
+      logging.warning(note)
+    return _train_and_evaluate(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   import jax
   from flax import nnx
 
@@ -318,8 +370,23 @@ def main(argv):
   elif FLAGS.multihost:
     jax.distributed.initialize()
   if FLAGS.workdir is None:
-    raise app.UsageError("--workdir is required")
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    _exit(2, "--workdir is required: the folder for checkpoints, metrics and plots")
+  from aopsam_jax.cli import UsageError, WorkError
+  from aopsam_jax.data.coco import DatasetError
+  from aopsam_jax.trainer.workdir import ConfigMismatch, WorkdirBusy
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (UsageError, ConfigMismatch) as e:
+    _exit(2, str(e))
+  except (WorkError, WorkdirBusy, DatasetError) as e:
+    _exit(1, str(e))
+
+
+def _exit(status: int, message: str):
+  """One line on stderr, then exit (absl's own UsageError prints the whole help)."""
+  import sys
+  print(f"train: error: {message}", file=sys.stderr)
+  sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -107,9 +107,24 @@ def test_bundle_cli_packages_a_training_run(tmp_path, capsys):
   b = bundle_lib.load_bundle(str(out), quiet=True)
   assert (b.asf.k_coarse, b.asf.nms_thresh) == (8, 0.5)
   assert b.meta["metadata"]["train_steps"] == 7
-  with pytest.raises(ValueError, match="unknown AsfConfig"):
-    bundle_cli.main(["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out",
-                     str(tmp_path / "c"), "--asf", "no_such_field=1"])
+  capsys.readouterr()
+  assert bundle_cli.main(["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out",
+                          str(tmp_path / "c"), "--asf", "no_such_field=1"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown AsfConfig" in err and len(err.splitlines()) == 1
+  # a missing predictor or SAM file, or a bad MODEL:SEED: one line, exit status 2
+  for argv, needle in ((["--predictor", str(tmp_path / "nope"), "--sam-random", "vit_tiny_test:0"],
+                        "nope"),
+                       (["--predictor", pred_dir, "--sam-checkpoint", str(tmp_path / "x.st")],
+                        "x.st"),
+                       (["--predictor", pred_dir, "--sam-random", "vit_q:0"], "vit_q")):
+    try:
+      rc = bundle_cli.main(argv + ["--out", str(tmp_path / "e")])
+    except SystemExit as e:  # argparse's own errors
+      rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "e").exists()
   with pytest.raises(SystemExit):  # malformed override: a usage error, not a traceback
     bundle_cli.main(["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out",
                      str(tmp_path / "d"), "--asf", "k_coarse"])
