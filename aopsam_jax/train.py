@@ -243,6 +243,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   from aopsam_jax.trainer import workdir as wd
   check_loop_config(config)
+  if "://" in workdir:  # object storage: no file locks; the guards need a local filesystem
+    return _train_and_evaluate(config, workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
