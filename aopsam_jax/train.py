@@ -38,6 +38,7 @@ Exit status: 0 when training finished; 1 when it could not run or failed (the
 workdir is in use by another run, an unusable dataset; one line names the
 cause); 2 for a usage error (a missing flag, an impossible setting, a config
 that does not match the workdir's checkpoints), reported before any work.
+(`--help` itself exits with 1: absl's convention.)
 """
 
 from __future__ import annotations
