@@ -111,3 +111,21 @@ def test_config_diff_flattens_and_compares_like_json():
   assert wd.config_diff(old, {"a": {"b": [1, 2], "c": 1}, "d": "x"}) == []
   assert wd.config_diff(old, {"a": {"b": (1, 3)}, "e": 0}) == [
       ("a.b", [1, 2], [1, 3]), ("a.c", 1, None), ("d", "x", None), ("e", None, 0)]
+
+
+def test_empty_validation_split_is_a_clear_error(tmp_path):
+  from aopsam_jax.data.coco import DatasetError
+  from aopsam_jax.train import train_and_evaluate
+  from tests.test_data import make_synthetic_coco
+  root, _ = make_synthetic_coco(str(tmp_path / "src"), n_images=2, empty=())
+  with open(os.path.join(root, "annotations", "instances.json")) as f:
+    d = json.load(f)
+  d.update(images=[], annotations=[])
+  with open(os.path.join(root, "annotations", "empty.json"), "w") as f:
+    json.dump(d, f)
+  cfg = make_config(root, str(tmp_path))
+  cfg.data.sources["synth"]["splits"]["val"] = ["annotations/empty.json", "images"]
+  with pytest.raises(DatasetError, match="synth:val has no usable images") as e:
+    train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "w" / "checkpoints").exists()
