@@ -1,0 +1,122 @@
+"""`python -m aopsam_jax.export --bundle B [--checkpoint C] --out prog.bin`: serialise the
+whole one-program AoP-SAM pipeline (encoder, prompt predictor, ASF, decoder)
+with `jax.export` for a fixed batch and padded size.
+
+The artefact (see `exported_runner`, which loads and runs it with no model
+code) holds StableHLO for every platform asked for (`--platforms`, default
+cpu,cuda,tpu: one program runs on whichever the loading process has).
+Weights are either embedded as constants in the program (`--weights embedded`,
+default: one self-contained file) or kept as its first argument, a list of
+arrays stored beside it in the same file (`--weights arguments`: the program
+itself stays small, e.g. to swap fine-tuned weights of the same shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import sys
+import zipfile
+from typing import Optional, Sequence
+
+import numpy as np
+
+from aopsam_jax import cli_common
+from aopsam_jax.exported_runner import FORMAT
+
+OUTPUTS = ("low_res_logits", "iou", "stability", "boxes", "points", "mask_index", "stage",
+           "valid", "prompt_points", "prompt_valid", "prompt_accepted", "num_prompts",
+           "num_filtered", "num_kept", "heatmap", "input_hw", "original_hw")
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def export_pipeline(model, cfg, batch: int, platforms: Sequence[str], embed_weights: bool):
+  """-> (jax.export.Exported, flat weights or None).  Inputs: padded (batch, S, S, 3)
+  uint8, input_hw / original_hw (batch, 2) int32 [, preceded by the weights list]."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from aopsam_jax.aop import pipeline
+
+  graphdef, state = pipeline.split_model(model)
+  leaves, treedef = jax.tree.flatten(state)
+
+  def run(weights, padded, input_hw, original_hw):
+    m = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+    out = pipeline.segment(m, padded, input_hw, original_hw, cfg)
+    return {k: out[k] for k in OUTPUTS if k in out}  # a stable subset of the pipeline's dict
+
+  s = cfg.img_size
+  specs = (jax.ShapeDtypeStruct((batch, s, s, 3), jnp.uint8),
+           jax.ShapeDtypeStruct((batch, 2), jnp.int32), jax.ShapeDtypeStruct((batch, 2), jnp.int32))
+  if embed_weights:
+    consts = [jnp.asarray(x) for x in leaves]
+    fn = jax.jit(lambda p, i, o: run(consts, p, i, o))
+    return jax.export.export(fn, platforms=platforms)(*specs), None
+  wspecs = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves]
+  exp = jax.export.export(jax.jit(run), platforms=platforms)(wspecs, *specs)
+  return exp, [np.asarray(x) for x in leaves]
+
+
+def write_artefact(path: str, exp, weights, meta) -> None:
+  """One zip file, written to a temp name then renamed (never a half artefact)."""
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+    z.writestr("meta.json", json.dumps(meta, indent=1))
+    z.writestr("program.bin", bytes(exp.serialize()))
+    if weights is not None:
+      buf = io.BytesIO()
+      np.savez(buf, **{f"w{i:05d}": w for i, w in enumerate(weights)})
+      z.writestr("weights.npz", buf.getvalue())
+  os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m aopsam_jax.export", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  cli_common.add_bundle_arguments(p)
+  p.add_argument("--out", required=True, help="artefact to write (e.g. prog.bin)")
+  p.add_argument("--batch", type=int, default=1, help="images per call (fixed)")
+  p.add_argument("--weights", choices=("embedded", "arguments"), default="embedded",
+                 help="weights as constants in the program, or as its first argument "
+                      "(stored beside it in the artefact)")
+  p.add_argument("--platforms", default=",".join(PLATFORMS),
+                 help="comma-separated jax.export platforms to lower for")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  over = cli_common.check_bundle_arguments(args, parser)
+  platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
+  if args.batch < 1:
+    parser.error("--batch must be at least 1")
+  if not platforms or any(x not in PLATFORMS + ("rocm",) for x in platforms):
+    parser.error(f"--platforms: choose from {','.join(PLATFORMS + ('rocm',))}")
+  if os.path.isdir(args.out):
+    parser.error(f"--out {args.out} is a folder; give a file name")
+  import jax
+  b, weights_label, thresholds = cli_common.load_aop(args.bundle, args.checkpoint, over)
+  if b.random_sam:
+    print(cli_common.random_weights_banner("the AoP bundle's SAM"), file=sys.stderr)
+  print(f"exporting for {','.join(platforms)}, batch {args.batch}, {b.asf.img_size}x"
+        f"{b.asf.img_size}, weights {args.weights} (tracing and lowering)...", file=sys.stderr)
+  exp, weights = export_pipeline(b.model, b.asf, args.batch, platforms,
+                                 args.weights == "embedded")
+  meta = {"format": FORMAT, "format_version": 1, "batch": args.batch, "img_size": b.asf.img_size,
+          "platforms": list(exp.platforms), "weights": args.weights,
+          "outputs": sorted(exp.out_tree.node_data()[1]), "asf": dataclasses.asdict(b.asf),
+          "mask_filters": thresholds, "sam_weights": weights_label, "random_sam": b.random_sam,
+          "exported_with": {"jax": jax.__version__}}
+  write_artefact(args.out, exp, weights, meta)
+  print(f"wrote {args.out} ({os.path.getsize(args.out) / 2 ** 20:.1f} MiB; platforms "
+        f"{','.join(exp.platforms)}; run it with aopsam_jax/exported_runner.py)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,93 @@
+"""`python -m aopsam_jax.export` round trip: the serialised program, run by
+`exported_runner.py` in a process that never imports aopsam_jax or flax, gives
+the same outputs as the jitted pipeline (weights embedded and as arguments)."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from aopsam_jax import export
+from aopsam_jax.aop import bundle as bundle_lib
+from aopsam_jax.aop import pipeline
+from aopsam_jax.sam.image_io import load_image, sample_image_path
+from tests.test_label import ASF_FLAGS, CFG, make_bundle
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(REPO, "aopsam_jax", "exported_runner.py")
+
+DRIVER = """
+import importlib.util, sys, numpy as np
+spec = importlib.util.spec_from_file_location("exported_runner", sys.argv[1])
+runner = importlib.util.module_from_spec(spec); spec.loader.exec_module(runner)
+inp = np.load(sys.argv[2])
+res = {}
+for i, path in enumerate(sys.argv[3:]):
+  prog = runner.load(path)
+  out = prog(inp["padded"], inp["input_hw"], inp["original_hw"])
+  res.update({f"{i}/{k}": v for k, v in out.items()})
+  if i == 0:  # the runner's own resize + pad equals the library's
+    p, ih, oh = runner.prepare(inp["image"], prog.img_size)
+    res.update(prep_padded=p, prep_input_hw=ih, prep_original_hw=oh)
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("aopsam_jax", "flax"))
+assert not bad, bad
+np.savez(sys.argv[2] + ".out.npz", **res)
+"""
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("export")
+  make_bundle(tmp / "bundle")
+  paths = []
+  for mode in ("embedded", "arguments"):
+    path = str(tmp / f"prog_{mode}.bin")
+    assert export.main(["--bundle", str(tmp / "bundle"), "--out", path, "--batch", "2",
+                        "--weights", mode, "--platforms", "cpu,cuda", *ASF_FLAGS]) == 0
+    paths.append(path)
+  return tmp, paths
+
+
+def test_round_trip_identical(artefacts):
+  tmp, paths = artefacts
+  img = load_image(sample_image_path())
+  imgs = [img, np.ascontiguousarray(img[:150, :230])]
+  inps = [pipeline.prepare(x) for x in imgs]
+  batch = {k: np.stack([getattr(i, k) for i in inps]) for k in ("padded", "input_hw", "original_hw")}
+  np.savez(tmp / "inputs.npz", image=imgs[1], **batch)
+  driver = tmp / "driver.py"
+  driver.write_text(DRIVER)
+  env = dict(os.environ, PYTHONPATH="")  # no repo on the path: the model code is unreachable
+  p = subprocess.run([sys.executable, str(driver), RUNNER, str(tmp / "inputs.npz"), *paths],
+                     env=env, cwd=str(tmp), capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = np.load(str(tmp / "inputs.npz") + ".out.npz")
+
+  b = bundle_lib.load_bundle(str(tmp / "bundle"), quiet=True)
+  ref = pipeline.segment_jit(b.model, batch["padded"], batch["input_hw"], batch["original_hw"], CFG)
+  ref = {k: np.asarray(v) for k, v in ref.items()}
+  assert ref["valid"].any()
+  for i, mode in enumerate(("embedded", "arguments")):
+    keys = [k.split("/", 1)[1] for k in got.files if k.startswith(f"{i}/")]
+    assert {"low_res_logits", "iou", "valid", "boxes", "points"} <= set(keys)
+    for k in keys:
+      np.testing.assert_array_equal(got[f"{i}/{k}"], ref[k], err_msg=f"{mode}: {k}")
+  np.testing.assert_array_equal(got["prep_padded"], inps[1].padded)
+  np.testing.assert_array_equal(got["prep_input_hw"], inps[1].input_hw)
+  np.testing.assert_array_equal(got["prep_original_hw"], inps[1].original_hw)
+
+
+def test_artefact_metadata(artefacts):
+  _, paths = artefacts
+  with zipfile.ZipFile(paths[1]) as z:
+    meta = json.loads(z.read("meta.json"))
+    names = set(z.namelist())
+  assert meta["platforms"] == ["cpu", "cuda"] and meta["batch"] == 2
+  assert meta["weights"] == "arguments" and "weights.npz" in names
+  assert meta["random_sam"] is True and meta["asf"]["max_masks"] == CFG.max_masks
+  with zipfile.ZipFile(paths[0]) as z:
+    assert "weights.npz" not in z.namelist()
