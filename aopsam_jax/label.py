@@ -316,10 +316,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stats = run_share(todo, step, gbatch, b.asf.img_size, args, shards, pidx, bar)
   if bar is not None:
     bar.close()
+  mem = jax.local_devices()[0].memory_stats() or {}
   store.write_json_atomic(os.path.join(args.out, f"stats_p{pidx:05d}.json"),
                           {**dataclasses.asdict(stats), "process": pidx, "processes": pcount,
                            "local_devices": jax.local_device_count(),
-                           "peak_rss_mib": peak_rss_kb() / 1024, "platform": jax.devices()[0].platform})
+                           "peak_rss_mib": peak_rss_kb() / 1024,
+                           "device_peak_mib": mem.get("peak_bytes_in_use", 0) / 2 ** 20 or None,
+                           "platform": jax.devices()[0].platform})
   if pcount > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("aopsam_label_done")
