@@ -65,3 +65,76 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     return 130
+
+
+# --- shared options of the AoP-SAM apps (label, export) -----------------------
+
+
+def add_bundle_arguments(p: argparse.ArgumentParser) -> None:
+  """--bundle, --checkpoint, --asf, as `segment` reads them (`segment.load_aop`)."""
+  p.add_argument("--bundle", default=None,
+                 help="AoP-SAM bundle dir (default: the shipped coco_tiny vit_tiny_test demo, "
+                      "random-init SAM); --checkpoint replaces its SAM")
+  p.add_argument("--checkpoint", default=None,
+                 help="SAM weights replacing the bundle's: a converted .safetensors or an "
+                      "official/HF PyTorch checkpoint (converted on the fly, needs torch)")
+  p.add_argument("--asf", action="append", default=[], metavar="FIELD=VALUE",
+                 help="change a field of the bundle's ASF config (repeatable), e.g. "
+                      "--asf pred_iou_thresh=0.8; random-init SAMs get permissive mask filters")
+
+
+def check_bundle_arguments(args) -> None:
+  """Path and --asf mistakes as `UsageError`, before any model work; sets
+  `args.asf_overrides` (what `segment.load_aop` reads)."""
+  import os
+  if args.bundle is not None and not os.path.isfile(os.path.join(args.bundle, "bundle.json")):
+    raise UsageError(f"--bundle {args.bundle}: not an AoP-SAM bundle folder (no bundle.json)")
+  if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+    raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+  args.asf_overrides = {}
+  if args.asf:
+    import dataclasses
+    from aopsam_jax.aop.asf import AsfConfig
+    from aopsam_jax.aop.bundle import parse_overrides
+    try:
+      args.asf_overrides = parse_overrides(args.asf, "--asf")
+    except ValueError as e:
+      raise UsageError(str(e)) from None
+    unknown = sorted(set(args.asf_overrides) - {f.name for f in dataclasses.fields(AsfConfig)})
+    if unknown:
+      raise UsageError(f"--asf: unknown AsfConfig field(s) {unknown}")
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+  """The multi-process flags of `train`, same names and meaning."""
+  g = p.add_argument_group("multi-process (every host runs the same command)")
+  g.add_argument("--multihost", action="store_true",
+                 help="call jax.distributed.initialize() (auto-detects TPU pods / SLURM)")
+  g.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                 help="address of process 0 (explicit multi-process)")
+  g.add_argument("--num_processes", type=int, default=None,
+                 help="number of processes (with --coordinator_address)")
+  g.add_argument("--process_id", type=int, default=None,
+                 help="this process, 0..N-1 (with --coordinator_address)")
+
+
+def check_distributed_arguments(args) -> None:
+  explicit = (args.coordinator_address, args.num_processes, args.process_id)
+  if all(v is None for v in explicit):
+    return
+  if any(v is None for v in explicit):
+    raise UsageError("--coordinator_address, --num_processes and --process_id go together")
+  if args.multihost:
+    raise UsageError("--multihost detects the processes itself: drop --coordinator_address etc.")
+  if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+    raise UsageError(f"--process_id must be in 0..{args.num_processes - 1}")
+
+
+def init_distributed(args) -> None:
+  """jax.distributed.initialize() as the flags ask (before any other JAX call)."""
+  import jax
+  if args.multihost:
+    jax.distributed.initialize()
+  elif args.coordinator_address is not None:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)

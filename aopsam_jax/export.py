@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from aopsam_jax import cli_common
+from aopsam_jax import cli
 from aopsam_jax.exported_runner import FORMAT
 
 OUTPUTS = ("low_res_logits", "iou", "stability", "boxes", "points", "mask_index", "stage",
@@ -75,9 +75,10 @@ def write_artefact(path: str, exp, weights, meta) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m aopsam_jax.export", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  cli_common.add_bundle_arguments(p)
+  p = cli.ArgumentParser(prog="python -m aopsam_jax.export", description=__doc__.split("\n\n")[0],
+                         epilog=cli.EXIT_STATUS_HELP,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  cli.add_bundle_arguments(p)
   p.add_argument("--out", required=True, help="artefact to write (e.g. prog.bin)")
   p.add_argument("--batch", type=int, default=1, help="images per call (fixed)")
   p.add_argument("--weights", choices=("embedded", "arguments"), default="embedded",
@@ -89,28 +90,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  over = cli_common.check_bundle_arguments(args, parser)
+  return cli.run_main(_main, argv, "python -m aopsam_jax.export")
+
+
+def _check_args(args) -> Sequence[str]:
+  cli.check_bundle_arguments(args)
   platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
   if args.batch < 1:
-    parser.error("--batch must be at least 1")
-  if not platforms or any(x not in PLATFORMS + ("rocm",) for x in platforms):
-    parser.error(f"--platforms: choose from {','.join(PLATFORMS + ('rocm',))}")
+    raise cli.UsageError("--batch must be at least 1")
+  known = PLATFORMS + ("rocm",)
+  if not platforms or any(x not in known for x in platforms):
+    raise cli.UsageError(f"--platforms {args.platforms}: choose from {','.join(known)}")
   if os.path.isdir(args.out):
-    parser.error(f"--out {args.out} is a folder; give a file name")
+    raise cli.UsageError(f"--out {args.out} is a folder; give a file name")
+  return platforms
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
   import jax
-  b, weights_label, thresholds = cli_common.load_aop(args.bundle, args.checkpoint, over)
-  if b.random_sam:
-    print(cli_common.random_weights_banner("the AoP bundle's SAM"), file=sys.stderr)
-  print(f"exporting for {','.join(platforms)}, batch {args.batch}, {b.asf.img_size}x"
-        f"{b.asf.img_size}, weights {args.weights} (tracing and lowering)...", file=sys.stderr)
-  exp, weights = export_pipeline(b.model, b.asf, args.batch, platforms,
+  from aopsam_jax import segment
+  args = build_parser().parse_args(argv)
+  platforms = _check_args(args)
+  try:
+    aop = segment.load_aop(args)
+  except (OSError, ValueError) as e:
+    raise cli.WorkError(f"cannot load {args.checkpoint or args.bundle or 'the shipped bundle'}: "
+                        f"{e}") from None
+  if aop.random_sam:
+    print(segment.random_init_banner("aop", ""), file=sys.stderr)
+  cfg = aop.cfg
+  print(f"exporting for {','.join(platforms)}, batch {args.batch}, {cfg.img_size}x{cfg.img_size}, "
+        f"weights {args.weights}; thresholds {segment.describe_thresholds(aop.thresholds)} "
+        "(tracing and lowering)...", file=sys.stderr)
+  exp, weights = export_pipeline(aop.bundle.model, cfg, args.batch, platforms,
                                  args.weights == "embedded")
-  meta = {"format": FORMAT, "format_version": 1, "batch": args.batch, "img_size": b.asf.img_size,
+  meta = {"format": FORMAT, "format_version": 1, "batch": args.batch, "img_size": cfg.img_size,
           "platforms": list(exp.platforms), "weights": args.weights,
-          "outputs": sorted(exp.out_tree.node_data()[1]), "asf": dataclasses.asdict(b.asf),
-          "mask_filters": thresholds, "sam_weights": weights_label, "random_sam": b.random_sam,
+          "outputs": sorted(exp.out_tree.node_data()[1]), "asf": dataclasses.asdict(cfg),
+          "sam_weights": aop.weights, "random_sam": aop.random_sam,
           "exported_with": {"jax": jax.__version__}}
   write_artefact(args.out, exp, weights, meta)
   print(f"wrote {args.out} ({os.path.getsize(args.out) / 2 ** 20:.1f} MiB; platforms "

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from aopsam_jax import cli_common
+from aopsam_jax import cli
 from aopsam_jax import label_store as store
 
 AXIS = "data"
@@ -35,19 +35,20 @@ NOT_FETCHED = ("heatmap", "prompt_points", "prompt_scores", "prompt_valid", "pro
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       prog="python -m aopsam_jax.label",
       description="Label a whole image collection with AoP-SAM on every device of every "
                   "process; resumable.  Writes DIR/results.json (COCO results: image_id, "
                   "file_name, compressed RLE segmentation, bbox XYWH, area, score = "
                   "predicted_iou, stability_score, point_coords), DIR/images.json (COCO images) "
                   "and DIR/errors.json (unreadable images).",
+      epilog=cli.EXIT_STATUS_HELP + " Any unreadable image makes the status 1.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("inputs", nargs="+", metavar="INPUT",
                  help="image files, folders (searched recursively), or a COCO json followed by "
                       "its image folder(s)")
   p.add_argument("--out", required=True, help="output folder (also holds the resumable state)")
-  cli_common.add_bundle_arguments(p)
+  cli.add_bundle_arguments(p)
   p.add_argument("--batch", type=int, default=2, help="images per device per step")
   p.add_argument("--workers", type=int, default=4,
                  help="host threads decoding / resizing images ahead of the device")
@@ -57,19 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write a resumable shard every N finished images (per process)")
   p.add_argument("--overlays", action="store_true", help="also write DIR/overlays/<id>_<name>.png")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  cli_common.add_distributed_arguments(p)
+  cli.add_distributed_arguments(p)
   return p
 
 
-def check_args(args, parser) -> Dict[str, Any]:
-  over = cli_common.check_bundle_arguments(args, parser)
-  cli_common.check_distributed_arguments(args, parser)
+def check_args(args) -> None:
+  """Usage mistakes as `cli.UsageError`, before any model work."""
+  cli.check_bundle_arguments(args)
+  cli.check_distributed_arguments(args)
   for flag in ("batch", "workers", "encoders", "flush_every"):
     if getattr(args, flag) < 1:
-      parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+      raise cli.UsageError(f"--{flag.replace('_', '-')} must be at least 1")
   if os.path.exists(args.out) and not os.path.isdir(args.out):
-    parser.error(f"--out {args.out} is a file; give a folder")
-  return over
+    raise cli.UsageError(f"--out {args.out} is a file; give a folder")
 
 
 # --- host: decode / resize / pad ahead of the device ---------------------------
@@ -85,11 +86,11 @@ class Loaded:
 
 def load_one(item: store.Item, img_size: int, keep_image: bool) -> Loaded:
   from aopsam_jax.aop import pipeline
-  from aopsam_jax.sam.image_io import load_image
+  from aopsam_jax.segment import load_input
   try:
-    image = load_image(item.path)
-  except Exception as e:  # an unreadable file is data, not a bug: record it, go on
-    return Loaded(item, None, None, f"{type(e).__name__}: {e}")
+    image = load_input(item.path)
+  except (OSError, ValueError) as e:  # an unreadable file is data, not a bug: record it, go on
+    return Loaded(item, None, None, str(e))
   return Loaded(item, image if keep_image else None, pipeline.prepare(image, img_size), None)
 
 
@@ -280,42 +281,30 @@ def _report(stats: Stats, counts: Dict[str, int], pcount: int, out: str, weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  over = check_args(args, parser)
+  return cli.run_main(_main, argv, "python -m aopsam_jax.label")
+
+
+def _setup(args):
+  """-> (items, AopModel, ShardStore, entries already done)."""
+  from aopsam_jax import segment
+  items = store.collect_items(args.inputs)
+  cli.init_distributed(args)
   try:
-    items = store.collect_items(args.inputs)
-  except store.UsageError as e:
-    parser.error(str(e))
-  cli_common.init_distributed(args)
-  import jax
-  from aopsam_jax.sysinfo import peak_rss_kb
-  pidx, pcount = jax.process_index(), jax.process_count()
-  b, weights, thresholds = cli_common.load_aop(args.bundle, args.checkpoint, over)
-  if b.random_sam and pidx == 0:
-    print(cli_common.random_weights_banner("the AoP bundle's SAM"), file=sys.stderr)
+    aop = segment.load_aop(args)
+  except (OSError, ValueError) as e:
+    raise cli.WorkError(f"cannot load {args.checkpoint or args.bundle or 'the shipped bundle'}: "
+                        f"{e}") from None
   settings = {"bundle": os.path.abspath(args.bundle) if args.bundle else "default",
               "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
-              "asf": dataclasses.asdict(b.asf), "batch_per_device": args.batch}
+              "asf": dataclasses.asdict(aop.cfg), "batch_per_device": args.batch}
   os.makedirs(args.out, exist_ok=True)
   shards = store.ShardStore(args.out, store.signature(items, settings))
-  try:
-    done = shards.read()
-  except store.UsageError as e:
-    return cli_common.fail(str(e), 2)
-  todo = [it for it in store.assigned(items, pidx, pcount) if it.image_id not in done]
-  bar = None
-  if pidx == 0 and not args.no_progress:
-    from tqdm import tqdm
-    bar = tqdm(total=len(todo), unit="img", desc=f"label (process 0 of {pcount}, "
-               f"{jax.local_device_count()} devices)", smoothing=0.1)
-    bar.write(f"{len(items)} images, {len(done)} already done; mask filters: {thresholds}")
-  stats = Stats()
-  if todo:
-    step, gbatch = make_step(b.model, b.asf, args.batch)
-    stats = run_share(todo, step, gbatch, b.asf.img_size, args, shards, pidx, bar)
-  if bar is not None:
-    bar.close()
+  return items, aop, shards, shards.read()
+
+
+def _write_stats(args, stats: Stats, pidx: int, pcount: int) -> None:
+  import jax
+  from aopsam_jax.sysinfo import peak_rss_kb
   mem = jax.local_devices()[0].memory_stats() or {}
   store.write_json_atomic(os.path.join(args.out, f"stats_p{pidx:05d}.json"),
                           {**dataclasses.asdict(stats), "process": pidx, "processes": pcount,
@@ -323,17 +312,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "peak_rss_mib": peak_rss_kb() / 1024,
                            "device_peak_mib": mem.get("peak_bytes_in_use", 0) / 2 ** 20 or None,
                            "platform": jax.devices()[0].platform})
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+  from aopsam_jax.segment import describe_thresholds, random_init_banner
+  args = build_parser().parse_args(argv)
+  check_args(args)
+  items, aop, shards, done = _setup(args)
+  import jax
+  pidx, pcount = jax.process_index(), jax.process_count()
+  todo = [it for it in store.assigned(items, pidx, pcount) if it.image_id not in done]
+  bar = None
+  if pidx == 0:
+    if aop.random_sam:
+      print(random_init_banner("aop", "the bundle's"), file=sys.stderr)
+    print(f"{len(items)} images, {len(done)} already done; thresholds: "
+          f"{describe_thresholds(aop.thresholds)}", file=sys.stderr)
+    if not args.no_progress:
+      from tqdm import tqdm
+      bar = tqdm(total=len(todo), unit="img", smoothing=0.1, desc=f"label (process 0 of "
+                 f"{pcount}, {jax.local_device_count()} devices)")
+  stats = Stats()
+  if todo:
+    step, gbatch = make_step(aop.bundle.model, aop.cfg, args.batch)
+    stats = run_share(todo, step, gbatch, aop.cfg.img_size, args, shards, pidx, bar)
+  if bar is not None:
+    bar.close()
+  _write_stats(args, stats, pidx, pcount)
   if pcount > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("aopsam_label_done")
   if pidx != 0:
     return 1 if stats.errors else 0
-  info = {"description": "AoP-SAM labels (aopsam_jax.label)", "weights": weights,
-          "random_sam": b.random_sam, "asf": dataclasses.asdict(b.asf)}
+  info = {"description": "AoP-SAM labels (aopsam_jax.label)", "weights": aop.weights,
+          "random_sam": aop.random_sam, "asf": dataclasses.asdict(aop.cfg)}
   counts = shards.merge(args.out, items, info)
-  _report(stats, counts, pcount, args.out, weights)
+  _report(stats, counts, pcount, args.out, aop.weights)
   if counts["masks"] == 0:
-    return cli_common.fail(f"no masks at all: every mask was filtered out ({thresholds})")
+    raise cli.WorkError(f"no masks at all: every mask was filtered out "
+                        f"({describe_thresholds(aop.thresholds)})")
   return 1 if counts["errors"] else 0
 
 

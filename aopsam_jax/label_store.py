@@ -24,13 +24,11 @@ import os
 import re
 from typing import Any, Dict, Iterable, List, Sequence
 
+from aopsam_jax.cli import UsageError
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 SHARD_RE = re.compile(r"p(\d{5})_(\d{6})\.json")
 CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
-
-
-class UsageError(ValueError):
-  """A user mistake in the inputs (reported as one line, exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,16 +197,26 @@ AOP_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_
                   "nms_thresh")
 
 
-def setup_aop(args) -> Session:
-  """AoP-SAM (prompt predictor + ASF, one jitted program) with bundle `args.bundle`
-  (default: the shipped one).  With --checkpoint the given SAM replaces the
-  bundle's.  The bundle's ASF config holds unless --asf or a threshold flag
-  changes it."""
+@dataclasses.dataclass
+class AopModel:
+  """An AoP-SAM bundle loaded as the apps load it (segment, label, export)."""
+
+  bundle: Any                  # aop.bundle.Bundle (its SAM replaced by --checkpoint's)
+  cfg: Any                     # the final AsfConfig: bundle + random-init + --asf + flags
+  weights: str                 # weights description
+  random_sam: bool
+  thresholds: Dict[str, Tuple[float, str]]
+
+
+def load_aop(args) -> AopModel:
+  """The bundle `args.bundle` (default: the shipped one), its SAM replaced by
+  `args.checkpoint` when given; the bundle's ASF config holds unless
+  `args.asf_overrides` or a threshold attribute of `args` changes it."""
   import dataclasses as dc
-  from aopsam_jax.aop import bundle as bundle_lib, pipeline
+  from aopsam_jax.aop import bundle as bundle_lib
   sam = None
   if args.checkpoint is not None:
-    sam, _ = load_model(args.checkpoint, args.model_type, args.seed)
+    sam, _ = load_model(args.checkpoint, getattr(args, "model_type", None), getattr(args, "seed", 0))
   b = bundle_lib.load_bundle(args.bundle, sam=sam)
   random_sam = args.checkpoint is None and b.random_sam
   if args.checkpoint is not None:
@@ -219,6 +229,14 @@ def setup_aop(args) -> Session:
   th = resolve_thresholds(args, dc.asdict(b.asf), "bundle", random_sam, AOP_THRESHOLDS)
   cfg = bundle_lib.asf_from_dict({**dc.asdict(b.asf), **args.asf_overrides,
                                   **{k: v for k, (v, _) in th.items()}})
+  return AopModel(b, cfg, weights, random_sam, th)
+
+
+def setup_aop(args) -> Session:
+  """AoP-SAM (prompt predictor + ASF, one jitted program), model from `load_aop`."""
+  from aopsam_jax.aop import pipeline
+  aop = load_aop(args)
+  b, cfg = aop.bundle, aop.cfg
   split = pipeline.split_model(b.model)
 
   def run(image: np.ndarray):
@@ -230,7 +248,7 @@ def setup_aop(args) -> Session:
     pts = np.asarray(out["prompt_points"], np.float32)[np.asarray(out["prompt_valid"], bool)]
     return records, {"points": pts if args.show_points else None}
 
-  return Session(run, weights, random_sam, th)
+  return Session(run, aop.weights, aop.random_sam, aop.thresholds)
 
 
 MODES: Dict[str, Callable[[Any], Session]] = {"aop": setup_aop, "amg": setup_amg,
