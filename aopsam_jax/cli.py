@@ -138,3 +138,19 @@ def init_distributed(args) -> None:
   elif args.coordinator_address is not None:
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
+
+
+def barrier(name: str, timeout_s: int = 7 * 24 * 3600) -> None:
+  """Every process waits here until all arrive (no-op with one process).
+
+  The coordination service's barrier, not `multihost_utils.sync_global_devices`:
+  that one is a collective whose CPU (gloo) set-up gives up when processes
+  arrive more than 30 s apart, and processes finishing their shares of a
+  dataset can be hours apart.  The client is not public API; orbax's barriers
+  reach it the same way.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))

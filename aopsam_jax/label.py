@@ -339,14 +339,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
   if bar is not None:
     bar.close()
   _write_stats(args, stats, pidx, pcount)
-  if pcount > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("aopsam_label_done")
+  cli.barrier("aopsam_label_shares_done")
   if pidx != 0:
+    cli.barrier("aopsam_label_merged")  # exit together: jax's shutdown waits only minutes
     return 1 if stats.errors else 0
   info = {"description": "AoP-SAM labels (aopsam_jax.label)", "weights": aop.weights,
           "random_sam": aop.random_sam, "asf": dataclasses.asdict(aop.cfg)}
-  counts = shards.merge(args.out, items, info)
+  try:
+    counts = shards.merge(args.out, items, info)
+  finally:
+    cli.barrier("aopsam_label_merged")
   _report(stats, counts, pcount, args.out, aop.weights)
   if counts["masks"] == 0:
     raise cli.WorkError(f"no masks at all: every mask was filtered out "
