@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from aopsam_jax import cli
+from aopsam_jax import cli, compile_cache
 from aopsam_jax import label_store as store
 
 AXIS = "data"
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="write a resumable shard every N finished images (per process)")
   p.add_argument("--overlays", action="store_true", help="also write DIR/overlays/<id>_<name>.png")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  compile_cache.add_flag(p)
   cli.add_distributed_arguments(p)
   return p
 
@@ -255,7 +256,7 @@ def run_share(todo, step, gbatch, img_size, args, shards, pidx, bar) -> Stats:
       if good:
         first = stats.compile_s == 0.0
         if first and bar is not None:
-          bar.write(f"compiling the pipeline (batch {gbatch}, {img_size}x{img_size})...")
+          bar.write(compile_cache.notice(f"the pipeline (batch {gbatch}, {img_size}x{img_size})"))
         tc = time.perf_counter()
         dev_out = step(*stack(good, gbatch))
         if first:
@@ -289,6 +290,7 @@ def _setup(args):
   from aopsam_jax import segment
   items = store.collect_items(args.inputs)
   cli.init_distributed(args)
+  compile_cache.setup(args.no_compile_cache)
   try:
     aop = segment.load_aop(args)
   except (OSError, ValueError) as e:

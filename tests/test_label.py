@@ -75,9 +75,7 @@ def _cmd(tmp, out, *extra):
 def _env(tmp, devices=1):
   return dict(os.environ, PYTHONPATH=REPO,
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+              AOPSAM_COMPILE_CACHE=str(tmp / "jax_cache"))
 
 
 def _run(tmp, out, devices=1, *extra):
