@@ -22,6 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = {"aop": "AoP-SAM program (segment --mode aop)",
             "amg_s": "grid AMG_S program (segment --mode amg, 16x16)",
+            "amg8": "grid AMG program, 8x8 grid (one decode chunk; the same program structure)",
             "predict1": "1-prompt predictor (set_image + predict)"}
 
 
@@ -42,11 +43,12 @@ def child(program: str, model: str) -> dict:
                                                            rngs=nnx.Rngs(0))))
     inp = pipeline.prepare(image)
     call = lambda: pipeline.segment_jit(split, inp.padded, inp.input_hw, inp.original_hw)
-  elif program == "amg_s":
+  elif program in ("amg_s", "amg8"):
     from aopsam_jax.sam import amg
+    cfg = amg.AMG_S if program == "amg_s" else amg.AmgConfig(points_per_side=8)
     split = nnx.split(sam)
-    inputs = amg.prepare(image, amg.AMG_S)
-    call = lambda: amg.generate(split, inputs, amg.AMG_S)
+    inputs = amg.prepare(image, cfg)
+    call = lambda: amg.generate(split, inputs, cfg)
   else:
     from aopsam_jax.sam.predictor import SamPredictor
     pred = SamPredictor(sam)
