@@ -142,6 +142,7 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=3, help="timed rounds / calls after a warm-up")
   p.add_argument("--e2e-repeats", type=int, default=1, help="timed end-to-end calls per method")
   p.add_argument("--skip-e2e", action="store_true", help="encoders only")
+  p.add_argument("--skip-encoders", action="store_true", help="end to end only")
   p.add_argument("--e2e-models", default="vit_t,vit_b", help="SAMs for the grid AMG rows")
   p.add_argument("--settings", default="S,D", help="grid AMG settings: S (16x16), D (32x32)")
   p.add_argument("--out", default=None, help="markdown path (default results/tiny_vit_<backend>.md)")
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
       f.write("\n".join(lines + ["", f"Load average when written: {os.getloadavg()[0]:.1f}"])
               + "\n")
 
-  write(bench_encoders(args.repeats))
+  write(["(skipped)"] if args.skip_encoders else bench_encoders(args.repeats))
   if not args.skip_e2e:
     write(["", "## End to end per image (sample.jpg 640x428 -> mask records), median of "
            f"{args.e2e_repeats} call(s) after the compile call", "",
