@@ -164,12 +164,12 @@ def bench_train(sizes, tmp, steps):
     if not os.path.isdir(src):
       make_cycled_source(src, n, COCO_TINY)
     c = coco_tiny.get_config()
-    c.data.sources = {"b": {"format": "coco", "dir": src, "splits": {
+    c.data.sources = {"bench": {"format": "coco", "dir": src, "splits": {
         "train": ["annotations/train.json", "images"]}},
                       "v": {"format": "coco", "dir": val, "splits": {
         "val": ["annotations/train.json", "images"]}}}
-    c.data.train, c.data.val, c.data.dir = "b:train", "v:val", os.path.join(tmp, f"rec{n}")
-    c.embeddings, c.total_steps, c.log_every, c.eval_every = "online", steps, 4, 0
+    c.data.train, c.data.val, c.data.dir = "bench:train", "v:val", os.path.join(tmp, f"rec{n}")
+    c.embeddings, c.total_steps, c.log_every, c.eval_every = "online", steps, 2, 0
     c.grid_baselines, c.tensorboard, c.ckpt_every, c.data.memo_targets = (), False, 10 ** 6, 0
     w = os.path.join(tmp, f"work{n}")
     train_and_evaluate(c, w)
