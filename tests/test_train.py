@@ -198,9 +198,14 @@ def test_two_processes_same_curve(synth, reference_run):
   port = _free_port()
   procs = []
   for i in range(2):
-    args, env = _run_args(make_config(root, tmp, total_steps=8), w,
-                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-                          dist=(f"localhost:{port}", 2, i))
+    # records and embedding cache prepared anew by both processes (each its
+    # share, barriers between), each process with its own HOME: nothing by way of ~
+    home = os.path.join(tmp, f"proc2_home{i}")
+    os.makedirs(home, exist_ok=True)
+    cfg = make_config(root, tmp, total_steps=8, **{"data.dir": os.path.join(tmp, "records2"),
+                                                   "data.cache_dir": os.path.join(tmp, "cache2")})
+    args, env = _run_args(cfg, w, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                   "HOME": home}, dist=(f"localhost:{port}", 2, i))
     procs.append(subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT))
   outs = [p.communicate(timeout=900)[0].decode(errors="replace") for p in procs]
