@@ -333,3 +333,27 @@ def test_target_memo_is_a_bounded_lru():
   assert calls[-2:] == ["x", "x"] and len(off) == 0
   assert pipeline.memo_capacity(True) == pipeline.DEFAULT_MEMO
   assert pipeline.memo_capacity(False) == 0 and pipeline.memo_capacity(7) == 7
+
+
+def test_yolo_source_prepared_and_refreshed(tmp_path):
+  """A YOLO source converts once per labels/images listing; a changed label file
+  gives a new conversion and new records."""
+  import ml_collections
+  from aopsam_jax.trainer import data_setup
+  img, lab = tmp_path / "y" / "images", tmp_path / "y" / "labels"
+  img.mkdir(parents=True); lab.mkdir()
+  for i in (1, 2):
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(img / f"{i:04d}.jpg")
+  (lab / "0001.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.5\n")
+  cfg = ml_collections.ConfigDict({"dir": str(tmp_path / "rec"), "sources": {"yo": {
+      "format": "yolo", "dir": str(tmp_path / "y"), "splits": {"train": ["labels", "images"]}}}})
+  d1 = data_setup.prepare_source(cfg, "yo", "train")
+  src = records.RecordSource(d1)
+  anns = {src[i]["image_id"]: json.loads(src[i]["annotations"]) for i in range(len(src))}
+  assert sorted(anns) == [1, 2] and len(anns[1]) == 1 and anns[2] == []
+  np.testing.assert_allclose(anns[1][0]["segmentation"][0], [5, 4, 25, 4, 25, 20])
+  (lab / "0002.txt").write_text("1 0 0 1 0 1 1\n")
+  d2 = data_setup.prepare_source(cfg, "yo", "train")
+  assert d2 != d1 and len(os.listdir(tmp_path / "rec" / "yo" / "_converted")) == 2
+  src2 = records.RecordSource(d2)
+  assert [len(json.loads(src2[i]["annotations"])) for i in range(2)] == [1, 1]
