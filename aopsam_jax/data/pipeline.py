@@ -17,9 +17,12 @@ longest side -> 1024) and zero padding, the prompt target and loss weight
   * online mode: ``image`` (1024,1024,3) uint8 + ``input_hw`` for the
     in-step SAM encoder, or
   * cache mode: ``embedding`` (64,64,256) + ``image_small`` (256,256,3) from
-    an `embedding_cache.EmbeddingCache` (the image is not even decoded).
+    an `embedding_cache.EmbeddingCache` (the image is not even decoded), or
+  * image mode (image-only predictors, `use_embedding=False`): ``image_small``
+    + ``input_hw`` computed here from the image, with no SAM encoder anywhere.
 
-Targets can be kept in a bounded LRU (`TargetMemo`, ``memo_targets``).
+Targets (and image mode's small images) can be kept in bounded LRUs
+(`TargetMemo`, ``memo_targets``).
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def memo_capacity(memo_targets) -> int:
 @dataclasses.dataclass
 class ExampleTransform:
   target_cfg: TargetConfig
-  mode: str = "online"          # "online" | "cache"
+  mode: str = "online"          # "online" | "cache" | "image"
   cache: Any = None             # cache mode: has lookup_rec(rec) -> (embedding, image_small)
   memo_targets: Any = False     # LRU of targets: False/0 off, True (DEFAULT_MEMO) or n images
   augment: Optional[augment_lib.AugmentConfig] = None  # training only (see augment.py)
@@ -120,6 +123,7 @@ class ExampleTransform:
 
   def __post_init__(self):
     self._memo = TargetMemo(memo_capacity(self.memo_targets))
+    self._small_memo = TargetMemo(memo_capacity(self.memo_targets))
 
   @property
   def augments(self) -> bool:
@@ -141,6 +145,14 @@ class ExampleTransform:
       return make_target(anns, h, w, self.target_cfg)
     return self._memo.get((rec.get("_source", 0), int(rec["image_id"])), compute)
 
+  def small_image(self, rec):
+    """(image_small, input_hw) of a record: the image-only predictor's input."""
+    def compute():
+      d = coco.decode_record(rec)
+      padded, input_hw, _ = transforms.prepare_image(d["image"], self.target_cfg.img_size)
+      return transforms.image_small_np(padded, input_hw), np.asarray(input_hw, np.int32)
+    return self._small_memo.get((rec.get("_source", 0), int(rec["image_id"])), compute)
+
   def __call__(self, rec) -> dict:
     iid = int(rec["image_id"])
     h, w = int(rec["height"]), int(rec["width"])
@@ -149,6 +161,8 @@ class ExampleTransform:
     if self.mode == "cache":  # the image is not even decoded
       out["embedding"], out["image_small"] = self.cache.lookup_rec(rec)
       out["input_hw"] = np.asarray(geometry.input_hw(h, w, self.target_cfg.img_size), np.int32)
+    elif self.mode == "image":  # no SAM encoder: the predictor reads only the image
+      out["image_small"], out["input_hw"] = self.small_image(rec)
     else:
       d = coco.decode_record(rec)
       padded, input_hw, _ = transforms.prepare_image(d["image"], self.target_cfg.img_size)

@@ -498,10 +498,15 @@ def build_model(cfg: SamConfig, params: Optional[Mapping[str, np.ndarray]] = Non
   return model
 
 
-def load_sam(path: str, *, dtype=None) -> Sam:
-  """Load a converted safetensors file into a Sam (no torch needed)."""
+def load_converted(path: str, *, dtype=None) -> Sam:
+  """Load a converted safetensors file into a Sam (no torch needed).  Every
+  other source (official .pth, HF folder, a name) goes through
+  `aopsam_jax.sam.checkpoints.load_sam`."""
   cfg, params, _ = read_converted(path)
   return build_model(cfg, params, dtype=dtype)
+
+
+load_sam = load_converted  # converted files only; see checkpoints.load_sam
 
 
 def encoder_fingerprint(sam) -> str:

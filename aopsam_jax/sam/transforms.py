@@ -73,6 +73,16 @@ def preprocess(padded: jax.Array, input_hw: jax.Array) -> jax.Array:
   return jnp.where(valid[..., None], x, 0.0)
 
 
+def image_small_np(padded: np.ndarray, input_hw, factor: int = 4) -> np.ndarray:
+  """Host numpy twin of `downsample_image(preprocess(padded, input_hw))` for one
+  (S, S, 3) image: the prompt predictor's image input, with no device round trip."""
+  x = (np.asarray(padded, np.float32) - PIXEL_MEAN) / PIXEL_STD
+  x[int(input_hw[0]):] = 0.0
+  x[:, int(input_hw[1]):] = 0.0
+  s = x.shape[0] // factor
+  return x.reshape(s, factor, s, factor, 3).mean(axis=(1, 3), dtype=np.float32)
+
+
 def apply_coords(coords: np.ndarray, original_hw, input_hw) -> np.ndarray:
   """Official `apply_coords`: xy in the original image -> xy in the resized input."""
   coords = np.array(coords, np.float64, copy=True)

@@ -50,9 +50,12 @@ def to_global(mesh: Mesh, local_batch: Dict[str, np.ndarray]) -> Dict[str, jax.A
 
 
 def model_inputs(batch, encoder_graphdef, encoder_state):
-  """(embedding, image_small) from a cached or an online batch."""
+  """(embedding, image_small) from a cached, an image-only (embedding None:
+  the predictor does not read it) or an online batch."""
   if "embedding" in batch:
     return batch["embedding"], batch["image_small"]
+  if "image_small" in batch:
+    return None, batch["image_small"]
   encoder = nnx.merge(encoder_graphdef, encoder_state)
   emb, small = predictor_inputs(encoder, batch["image"], batch["input_hw"])
   return jax.lax.stop_gradient(emb), small
