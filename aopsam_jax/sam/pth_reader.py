@@ -14,8 +14,8 @@ execute and torch is never imported.
     sd = read_pth("sam_vit_h_4b8939.pth")    # {name: numpy array}
 
 Tensors come back as read-only numpy arrays of the stored dtype (bfloat16 as
-`ml_dtypes.bfloat16`), strides and storage offsets honoured (`load_pth`
-returns views of the storages; `read_pth` contiguous arrays).
+`ml_dtypes.bfloat16`), strides and storage offsets honoured: each is a view of its storage's bytes, so a tensor
+saved as an expanded (stride-0) view costs no more memory than its storage.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def state_dict_from(obj: Any, where: str) -> Dict[str, np.ndarray]:
     if not isinstance(v, np.ndarray):
       raise PthError(f"{where}: entry {k!r} has type {type(v).__name__}, not a tensor; the "
                      "file is a pickle but not a model state dict")
-  return {k: np.ascontiguousarray(v) for k, v in obj.items()}
+  return dict(obj)
 
 
 def read_pth(path: str, where: Optional[str] = None) -> Dict[str, np.ndarray]:
