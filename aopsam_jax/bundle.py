@@ -7,10 +7,11 @@ import os
 import sys
 
 from aopsam_jax.aop.asf import AsfConfig
-from aopsam_jax.aop.bundle import asf_from_dict, parse_overrides, save_bundle
-from aopsam_jax.aop.prompt_predictor import load_predictor
-from aopsam_jax.sam.config import get_sam_config
-from aopsam_jax.sam.params import build_model, load_sam
+from aopsam_jax.aop.bundle import EncoderMismatch, asf_from_dict, parse_overrides, save_bundle
+from aopsam_jax.aop.prompt_predictor import load_predictor, predictor_metadata
+from aopsam_jax.sam.checkpoints import load_sam
+from aopsam_jax.sam.config import CHECKPOINT_NAMES, get_sam_config
+from aopsam_jax.sam.params import build_model
 
 
 def _sam_random(text: str):
@@ -40,8 +41,10 @@ def build_parser():
   p.add_argument("--predictor", required=True,
                  help="predictor directory (config.json + params.safetensors), e.g. WORKDIR/predictor")
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--sam-checkpoint", help="converted SAM weights (.safetensors) the predictor "
-                                            "was trained on; copied into the bundle")
+  src.add_argument("--sam-checkpoint", help="SAM weights stored in the bundle (any source: "
+                                            "converted .safetensors, official .pth, HF folder, "
+                                            "or a name such as vit_b); a predictor that reads "
+                                            "the embedding must have been trained on them")
   src.add_argument("--sam-random", metavar="MODEL:SEED", type=_sam_random,
                    help="the predictor was trained on a RANDOM-init SAM (e.g. vit_tiny_test:0); only "
                         "the model name and seed are stored")
@@ -70,8 +73,10 @@ def _main(argv) -> int:
   if not os.path.isfile(os.path.join(a.predictor, "config.json")):
     raise UsageError(f"--predictor {a.predictor}: no predictor there (needs config.json and "
                      "params.safetensors, as WORKDIR/predictor after training)")
-  if a.sam_checkpoint and not os.path.isfile(a.sam_checkpoint):
-    raise UsageError(f"--sam-checkpoint {a.sam_checkpoint}: no such file")
+  if a.sam_checkpoint and not os.path.exists(a.sam_checkpoint) \
+      and a.sam_checkpoint not in CHECKPOINT_NAMES:
+    raise UsageError(f"--sam-checkpoint {a.sam_checkpoint}: no such file or directory, nor a "
+                     f"checkpoint name ({', '.join(CHECKPOINT_NAMES)})")
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     raise UsageError(f"--out {a.out} is an existing file; give a directory")
   try:
@@ -80,6 +85,11 @@ def _main(argv) -> int:
     raise UsageError(f"--asf: {e}") from None
   try:
     predictor, _ = load_predictor(a.predictor)
+    trained = predictor_metadata(a.predictor).get("sam_encoder_fingerprint")
+    if predictor.config.use_embedding and trained is None:
+      print(f"warning: {a.predictor} reads SAM's embedding but records no training encoder "
+            "(trained before fingerprints were recorded?); make sure the SAM given here is the "
+            "one it was trained with", file=sys.stderr)
     if a.sam_random:
       random_init = {"model": a.sam_random[0], "seed": a.sam_random[1]}
       sam = build_model(get_sam_config(random_init["model"]), seed=random_init["seed"])
@@ -87,8 +97,11 @@ def _main(argv) -> int:
       random_init, sam = None, load_sam(a.sam_checkpoint)
   except (OSError, ValueError) as e:  # CheckpointError is a ValueError
     raise WorkError(str(e)) from None
-  save_bundle(a.out, sam, predictor, asf_cfg, random_init=random_init, notes=a.notes,
-              metadata=meta)
+  try:
+    save_bundle(a.out, sam, predictor, asf_cfg, random_init=random_init, notes=a.notes,
+                metadata=meta, trained_fingerprint=trained)
+  except EncoderMismatch as e:
+    raise WorkError(f"{a.predictor}: {e}") from None
   sam_desc = f"{a.sam_random[0]}:{a.sam_random[1]} (random)" if a.sam_random else a.sam_checkpoint
   print(f"wrote bundle {a.out} (SAM: {sam_desc})")
   return 0

@@ -285,7 +285,8 @@ def amg_config(method: str):
 def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = None,
              sam_checkpoint: Optional[str] = None, methods=("aop", "amg_s", "amg_d"),
              limit: Optional[int] = None, amg_images: int = 5,
-             asf_overrides: Optional[dict] = None, progress: bool = True) -> dict:
+             asf_overrides: Optional[dict] = None, progress: bool = True,
+             force_encoder: bool = False) -> dict:
   from aopsam_jax.aop import bundle as bundle_lib
   from aopsam_jax.data.targets import TargetConfig
   from aopsam_jax.sam.image_io import load_image
@@ -294,8 +295,8 @@ def evaluate(data_dir: str, split: str = "val", bundle_path: Optional[str] = Non
   images, anns_by, img_dir = load_split(data_dir, split, limit)
   try:
     b = bundle_lib.load_bundle(bundle_path, sam_checkpoint=sam_checkpoint,
-                               asf_overrides=asf_overrides)
-  except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+                               asf_overrides=asf_overrides, force_encoder=force_encoder)
+  except (OSError, ValueError) as e:  # CheckpointError, EncoderMismatch are ValueErrors
     from aopsam_jax.cli import WorkError
     raise WorkError(f"cannot load {sam_checkpoint or bundle_path or 'the shipped bundle'}: "
                     f"{e}") from None
@@ -531,7 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data", required=True, help="COCO-format dir (annotations/, <split>2017/)")
   p.add_argument("--split", default="val")
   p.add_argument("--bundle", default=None, help="AoP-SAM bundle dir (default: shipped one)")
-  p.add_argument("--sam-checkpoint", default=None, help="converted SAM weights (override)")
+  p.add_argument("--sam-checkpoint", "--checkpoint", default=None,
+                 help="SAM weights replacing the bundle's: converted .safetensors, official .pth "
+                      "(any size), HF folder, or a name (vit_b, vit_l, vit_h, facebook/sam-vit-*)")
+  p.add_argument("--force-encoder", action="store_true",
+                 help="run a predictor that reads SAM's embedding with a SAM it was not trained "
+                      "with (refused otherwise; image-only predictors fit every SAM)")
   p.add_argument("--methods", default="aop,amg_s,amg_d",
                  help=f"comma-separated, from {', '.join(METHODS)}")
   p.add_argument("--limit", type=_positive_int, default=None, help="first N images (by id)")
@@ -555,8 +561,10 @@ def _main(argv) -> int:
   p = build_parser()
   a = p.parse_args(argv)
   methods = parse_methods(a.methods)
+  from aopsam_jax.sam.config import CHECKPOINT_NAMES
   for flag, path in (("--bundle", a.bundle), ("--sam-checkpoint", a.sam_checkpoint)):
-    if path is not None and not os.path.exists(path):
+    if path is not None and not os.path.exists(path) and \
+        not (flag == "--sam-checkpoint" and path in CHECKPOINT_NAMES):
       raise UsageError(f"{flag} {path}: no such file or directory")
   if os.path.isdir(a.out):
     raise UsageError(f"--out {a.out} is a directory; give a path prefix (writes <out>.json, "
@@ -570,7 +578,7 @@ def _main(argv) -> int:
   except ValueError as e:
     p.error(str(e))
   res = evaluate(a.data, a.split, a.bundle, a.sam_checkpoint, methods, a.limit, a.amg_images,
-                 over or None)
+                 over or None, force_encoder=a.force_encoder)
   write_outputs(res, a.out)
   print(to_markdown(res))
   return 1 if res["dataset"]["skipped_images"] else 0

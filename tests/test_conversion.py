@@ -326,7 +326,8 @@ def test_malicious_pickle_is_not_executed(gadget, container, tmp_path, capsys):
   err = _expect_cli_error(p, tmp_path, capsys, "Nothing from the file was executed")
   assert not marker.exists(), "the pickle's code ran"
   if container == "torch.save":  # the raw pickles are refused even earlier (framing, storages)
-    callee = {"os.system": "posix.system", "builtins.open": "io.open", "builtins.exec": "builtins.exec"}[gadget]
+    callee = {"os.system": "posix.system", "builtins.open": "io.open",
+              "builtins.exec": "builtins.exec"}[gadget]
     assert "refused" in err and f"references {callee}," in err
     assert "add_safe_globals" not in err  # no advice to allowlist the payload
 

@@ -156,6 +156,12 @@ class PromptPredictor(nnx.Module):
     return self.head(x)[..., 0]
 
 
+def consumes(cfg: PromptPredictorConfig) -> str:
+  """What the predictor reads: "image", "embedding" or "image+embedding"."""
+  return "+".join(n for n, used in (("image", cfg.use_image), ("embedding", cfg.use_embedding))
+                  if used)
+
+
 def forward_flops(model: PromptPredictor, batch: int = 1, embed_hw: int = 64) -> float:
   """FLOPs of one forward pass (XLA cost analysis of the compiled program)."""
   graphdef, state = nnx.split(model)
@@ -182,6 +188,13 @@ def save_predictor(path: str, model: PromptPredictor, cfg: Optional[PromptPredic
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({"format_version": FORMAT_VERSION, "prompt_predictor": cfg.to_dict(),
                "metadata": metadata or {}}, f, indent=1)
+
+
+def predictor_metadata(path: str) -> dict:
+  """The "metadata" of a saved predictor (what `train` recorded: steps, the
+  training encoder's fingerprint for an embedding-consuming predictor, ...)."""
+  with open(os.path.join(path, "config.json")) as f:
+    return dict(json.load(f).get("metadata") or {})
 
 
 def load_predictor(path: str) -> Tuple[PromptPredictor, PromptPredictorConfig]:

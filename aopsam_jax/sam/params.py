@@ -11,6 +11,7 @@ A converted file is a safetensors file whose tensors are named by Flax path
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -242,6 +243,7 @@ def abstract_model(cfg: SamConfig) -> Sam:
   return nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
 
 
+@functools.lru_cache(maxsize=8)  # tracing a vit_h takes seconds; configs are frozen
 def flat_param_shapes(cfg: SamConfig) -> Dict[str, Tuple[int, ...]]:
   state = nnx.state(abstract_model(cfg), nnx.Param)
   return {".".join(str(p) for p in path): tuple(v.shape)

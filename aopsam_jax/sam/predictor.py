@@ -243,7 +243,7 @@ def check_prompts(point_coords, point_labels, box, mask_input, low_res: int) -> 
 class SamPredictor:
   """Official-style predictor over a JAX Sam.
 
-  >>> predictor = SamPredictor.from_checkpoint("sam_vit_b.safetensors")
+  >>> predictor = SamPredictor.from_checkpoint("sam_vit_b_01ec64.pth")  # or "vit_b", ...
   >>> predictor.set_image(load_image("photo.jpg"))   # or a path
   >>> masks, iou, low_res = predictor.predict(point_coords=np.array([[500, 375]]),
   ...                                         point_labels=np.array([1]))
@@ -266,10 +266,12 @@ class SamPredictor:
     self.reset_image()
 
   @classmethod
-  def from_checkpoint(cls, path: str, *, dtype=None, **kwargs) -> "SamPredictor":
-    """Load a converted safetensors file (see `conversion.convert_sam`)."""
-    from aopsam_jax.sam.params import load_sam
-    return cls(load_sam(path), dtype=dtype, **kwargs)
+  def from_checkpoint(cls, source: str, *, model_type=None, dtype=None,
+                      **kwargs) -> "SamPredictor":
+    """Any SAM source (`checkpoints.load_sam`): a converted .safetensors, an
+    official .pth, a Hugging Face folder, or a name such as "vit_h"."""
+    from aopsam_jax.sam.checkpoints import load_sam
+    return cls(load_sam(source, model_type), dtype=dtype, **kwargs)
 
   # --- images ---------------------------------------------------------------
 

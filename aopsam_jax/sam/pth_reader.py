@@ -14,8 +14,9 @@ execute and torch is never imported.
     sd = read_pth("sam_vit_h_4b8939.pth")    # {name: numpy array}
 
 Tensors come back as read-only numpy arrays of the stored dtype (bfloat16 as
-`ml_dtypes.bfloat16`), strides and storage offsets honoured: each is a view of its storage's bytes, so a tensor
-saved as an expanded (stride-0) view costs no more memory than its storage.
+`ml_dtypes.bfloat16`), strides and storage offsets honoured: each is a view
+of its storage's bytes, so a tensor saved as an expanded (stride-0) view
+costs no more memory than its storage.
 """
 
 from __future__ import annotations
