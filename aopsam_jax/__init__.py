@@ -5,7 +5,7 @@ The public API, under the names official SAM users know:
     from aopsam_jax import load_sam, SamPredictor, SamAutomaticMaskGenerator
     from aopsam_jax import load_bundle, AopMaskGenerator, load_image
 
-    sam = load_sam("sam_vit_b.safetensors")           # converted weights, no torch
+    sam = load_sam("sam_vit_b_01ec64.pth")            # or .safetensors, HF folder, "vit_h"; no torch
     masks = SamAutomaticMaskGenerator(sam).generate(load_image("photo.jpg"))
     masks = AopMaskGenerator(load_bundle()).generate(load_image("photo.jpg"))
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _EXPORTS = {
-    "load_sam": ("aopsam_jax.sam.params", "load_sam"),
+    "load_sam": ("aopsam_jax.sam.checkpoints", "load_sam"),
     "build_model": ("aopsam_jax.sam.params", "build_model"),
     "get_sam_config": ("aopsam_jax.sam.config", "get_sam_config"),
     "SamPredictor": ("aopsam_jax.sam.predictor", "SamPredictor"),
@@ -46,7 +46,8 @@ if TYPE_CHECKING:
   from aopsam_jax.sam.amg import SamAutomaticMaskGenerator
   from aopsam_jax.sam.config import get_sam_config
   from aopsam_jax.sam.image_io import load_image
-  from aopsam_jax.sam.params import build_model, load_sam
+  from aopsam_jax.sam.checkpoints import load_sam
+  from aopsam_jax.sam.params import build_model
   from aopsam_jax.sam.predictor import SamPredictor
 
 

@@ -73,11 +73,15 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
 def add_bundle_arguments(p: argparse.ArgumentParser) -> None:
   """--bundle, --checkpoint, --asf, as `segment` reads them (`segment.load_aop`)."""
   p.add_argument("--bundle", default=None,
-                 help="AoP-SAM bundle dir (default: the shipped coco_tiny vit_tiny_test demo, "
-                      "random-init SAM); --checkpoint replaces its SAM")
+                 help="AoP-SAM bundle dir (default: the shipped image-only predictor, valid for "
+                      "every SAM; its own SAM is random-init); --checkpoint replaces its SAM")
   p.add_argument("--checkpoint", default=None,
-                 help="SAM weights replacing the bundle's: a converted .safetensors or an "
-                      "official/HF PyTorch checkpoint (converted on the fly, needs torch)")
+                 help="SAM weights replacing the bundle's: an official .pth (any size), a "
+                      "converted .safetensors, a Hugging Face SamModel folder, or a name "
+                      "(vit_b, vit_l, vit_h, facebook/sam-vit-*; downloaded once, cached)")
+  p.add_argument("--force-encoder", action="store_true",
+                 help="run a bundle whose predictor reads SAM's embedding with a SAM it was not "
+                      "trained with (refused otherwise)")
   p.add_argument("--asf", action="append", default=[], metavar="FIELD=VALUE",
                  help="change a field of the bundle's ASF config (repeatable), e.g. "
                       "--asf pred_iou_thresh=0.8; random-init SAMs get permissive mask filters")
@@ -89,8 +93,11 @@ def check_bundle_arguments(args) -> None:
   import os
   if args.bundle is not None and not os.path.isfile(os.path.join(args.bundle, "bundle.json")):
     raise UsageError(f"--bundle {args.bundle}: not an AoP-SAM bundle folder (no bundle.json)")
-  if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-    raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
+  from aopsam_jax.sam.config import CHECKPOINT_NAMES
+  if args.checkpoint is not None and not os.path.exists(args.checkpoint) \
+      and args.checkpoint not in CHECKPOINT_NAMES:
+    raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory, nor a "
+                     f"checkpoint name ({', '.join(CHECKPOINT_NAMES)})")
   args.asf_overrides = {}
   if args.asf:
     import dataclasses

@@ -49,24 +49,18 @@ RANDOM_INIT_THRESHOLDS = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.25,
 DEFAULT_MODEL_TYPE = "vit_b"  # random-init architecture when --model-type is not given
 
 
-def load_model(checkpoint: Optional[str], model_type: str, seed: int = 0):
-  """(model, weights description).  Converted safetensors load directly;
-  official / HF PyTorch checkpoints are converted on the fly (needs torch)."""
+def load_model(checkpoint: Optional[str], model_type: Optional[str], seed: int = 0):
+  """(model, weights description).  `checkpoint`: any source `checkpoints.load_sam`
+  takes (converted .safetensors, official .pth of any size, HF folder, a name);
+  its architecture comes from the file, `model_type` only asserts it.  None:
+  random-init weights of `model_type` (default vit_b)."""
+  from aopsam_jax.sam.checkpoints import load_params
   from aopsam_jax.sam.config import get_sam_config
-  from aopsam_jax.sam.params import build_model, load_sam
+  from aopsam_jax.sam.params import build_model
   if checkpoint is None:
     return build_model(get_sam_config(model_type or DEFAULT_MODEL_TYPE), seed=seed), RANDOM_LABEL
-  if not os.path.exists(checkpoint):
-    raise FileNotFoundError(f"no such checkpoint: {checkpoint}")
-  try:
-    return load_sam(checkpoint), os.path.basename(checkpoint)
-  except Exception as first:  # not a converted file: try the conversion path
-    try:
-      from conversion.convert_sam import convert_checkpoint
-    except ImportError:
-      raise first from None
-    cfg, params, _ = convert_checkpoint(checkpoint, model_type if model_type else "auto")
-    return build_model(cfg, params), os.path.basename(checkpoint)
+  cfg, params, desc = load_params(checkpoint, model_type)
+  return build_model(cfg, params), desc
 
 
 # --- thresholds --------------------------------------------------------------
@@ -97,6 +91,39 @@ def describe_thresholds(thresholds: Dict[str, Tuple[float, str]]) -> str:
   return ", ".join(f"{k}={v:g} ({src})" for k, (v, src) in thresholds.items())
 
 
+def _named(thresholds: Dict[str, Tuple[float, str]], name: str) -> str:
+  v, src = thresholds.get(name, (None, ""))
+  return f"{name}={v:g} ({src})" if v is not None else name
+
+
+def aop_empty_diagnosis(out: Dict[str, Any], thresholds: Dict[str, Tuple[float, str]]) -> str:
+  """Why an AoP-SAM run produced no mask: prompts decoded, what each filter
+  removed, and the thresholds in force (with where each came from)."""
+  n = {k: int(np.asarray(out[k])) for k in ("num_prompts", "num_candidates", "removed_iou",
+                                             "removed_stability", "removed_redundant",
+                                             "removed_nms")}
+  if n["num_prompts"] == 0:
+    return "0 masks: the prompt predictor put no prompt above its heatmap thresholds"
+  return (f"0 masks: {n['num_prompts']} prompts decoded into {n['num_candidates']} candidate "
+          f"masks; removed by {_named(thresholds, 'pred_iou_thresh')}: {n['removed_iou']}, by "
+          f"{_named(thresholds, 'stability_score_thresh')} (offset "
+          f"{thresholds.get('stability_score_offset', (0.0, ''))[0]:g}): "
+          f"{n['removed_stability']}, as redundant prompts: {n['removed_redundant']}, by mask "
+          f"NMS {_named(thresholds, 'nms_thresh')}: {n['removed_nms']}. Lower the thresholds "
+          "(--pred-iou-thresh, --stability-score-thresh) to see the rejected masks")
+
+
+def amg_empty_diagnosis(out: Dict[str, Any], n_prompts: int,
+                        thresholds: Dict[str, Tuple[float, str]]) -> str:
+  """Why a grid AMG run produced no mask."""
+  passed = int(np.asarray(out["num_filtered"]))
+  return (f"0 masks: {n_prompts} grid prompts decoded; {passed} candidates passed "
+          f"{_named(thresholds, 'pred_iou_thresh')} and "
+          f"{_named(thresholds, 'stability_score_thresh')}, {int(np.asarray(out['num_kept']))} "
+          f"survived NMS {_named(thresholds, 'box_nms_thresh')}. Lower the thresholds "
+          "(--pred-iou-thresh, --stability-score-thresh) to see the rejected masks")
+
+
 # --- modes -------------------------------------------------------------------
 
 
@@ -123,9 +150,13 @@ def setup_amg(args) -> Session:
 
   def run(image: np.ndarray):
     inputs = amg.prepare(image, cfg, model.config.img_size)
-    records = amg.to_records(model, inputs, amg.generate(model, inputs, cfg), cfg)
+    out = amg.generate(model, inputs, cfg)
+    records = amg.to_records(model, inputs, out, cfg)
     pts = np.array([r["point_coords"][0] for r in records], np.float32).reshape(-1, 2)
-    return records, {"points": pts if args.show_points else None}
+    extra = {"points": pts if args.show_points else None}
+    if not records:
+      extra["diagnosis"] = amg_empty_diagnosis(out, cfg.points_per_side ** 2 * cfg.num_crops, th)
+    return records, extra
 
   return Session(run, weights, random_sam, th)
 
@@ -217,10 +248,11 @@ def load_aop(args) -> AopModel:
   sam = None
   if args.checkpoint is not None:
     sam, _ = load_model(args.checkpoint, getattr(args, "model_type", None), getattr(args, "seed", 0))
-  b = bundle_lib.load_bundle(args.bundle, sam=sam)
+  b = bundle_lib.load_bundle(args.bundle, sam=sam,
+                             force_encoder=getattr(args, "force_encoder", False))
   random_sam = args.checkpoint is None and b.random_sam
   if args.checkpoint is not None:
-    weights = os.path.basename(args.checkpoint)
+    weights = os.path.basename(os.path.normpath(args.checkpoint))
   elif random_sam:
     weights = RANDOM_LABEL
   else:
@@ -246,7 +278,10 @@ def setup_aop(args) -> Session:
     # --show-points draws every DECODED prompt (not only those whose mask survived):
     # the prompt locations are what the predictor learned.
     pts = np.asarray(out["prompt_points"], np.float32)[np.asarray(out["prompt_valid"], bool)]
-    return records, {"points": pts if args.show_points else None}
+    extra = {"points": pts if args.show_points else None}
+    if not records:
+      extra["diagnosis"] = aop_empty_diagnosis(out, aop.thresholds)
+    return records, extra
 
   return Session(run, aop.weights, aop.random_sam, aop.thresholds)
 
@@ -389,19 +424,27 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR",
                  help="image files and/or directories of images; none = the bundled sample image")
   p.add_argument("--checkpoint", default=None,
-                 help="SAM weights: a converted .safetensors (conversion.convert_sam) or an "
-                      "official/HF PyTorch checkpoint (converted on the fly, needs torch). "
-                      "Omitted: RANDOM-INIT weights (meaningless masks; for smoke tests)")
+                 help="SAM weights: an official sam_vit_{b,l,h}_*.pth (any size, detected from "
+                      "the shapes; read without torch), a converted .safetensors, a Hugging Face "
+                      "SamModel folder, or a name (vit_b, vit_l, vit_h, facebook/sam-vit-base|"
+                      "large|huge) downloaded once into the cache ($AOPSAM_CACHE, default "
+                      "~/.cache/aopsam_jax). Omitted: RANDOM-INIT weights (meaningless masks; "
+                      "for smoke tests)")
   p.add_argument("--model-type", default=None, choices=sorted(SAM_CONFIGS),
-                 help="architecture for random-init weights (default vit_b; vit_t is MobileSAM) "
-                      "and a check for PyTorch checkpoints (default: inferred from the tensor "
-                      "shapes); converted files carry their own config")
+                 help="without --checkpoint: the random-init architecture (default vit_b; vit_t "
+                      "is MobileSAM); with it: an optional assertion (fail unless the weights "
+                      "are this one)")
+  p.add_argument("--force-encoder", action="store_true",
+                 help="aop mode: run a bundle whose predictor reads SAM's image embedding with a "
+                      "SAM it was not trained with (refused otherwise; the shipped image-only "
+                      "predictor fits every SAM)")
   p.add_argument("--mode", default="aop", choices=sorted(MODES),
                  help="aop: AoP-SAM (prompt predictor + adaptive sampling, --bundle); amg: grid "
                       "automatic mask generation; prompt: masks from --point/--box")
   p.add_argument("--bundle", default=None,
-                 help="aop mode: AoP-SAM bundle dir (default: the shipped coco_tiny vit_tiny_test one, "
-                      "random-init SAM); --checkpoint replaces its SAM")
+                 help="aop mode: AoP-SAM bundle dir (default: the shipped image-only predictor, "
+                      "valid for every SAM; its own SAM is random-init); --checkpoint replaces "
+                      "its SAM")
   p.add_argument("--asf", action="append", default=[], metavar="FIELD=VALUE",
                  help="aop mode: change a field of the bundle's ASF config (repeatable), e.g. "
                       "--asf k_coarse=16 --asf nms_thresh=0.6")
@@ -470,9 +513,13 @@ def check_usage(args) -> None:
                            ("--crop-n-layers", args.crop_n_layers, 0)):
     if value < low:
       raise UsageError(f"{flag} must be >= {low}, got {value}")
-  for flag, path in (("--checkpoint", args.checkpoint), ("--bundle", args.bundle)):
-    if path is not None and not os.path.exists(path):
-      raise UsageError(f"{flag} {path}: no such file or directory")
+  from aopsam_jax.sam.config import CHECKPOINT_NAMES
+  if args.checkpoint is not None and not os.path.exists(args.checkpoint) \
+      and args.checkpoint not in CHECKPOINT_NAMES:
+    raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory, nor a "
+                     f"checkpoint name ({', '.join(CHECKPOINT_NAMES)})")
+  if args.bundle is not None and not os.path.exists(args.bundle):
+    raise UsageError(f"--bundle {args.bundle}: no such file or directory")
 
 
 def check_out(out: str, stems: Sequence[str], overwrite: bool) -> None:
@@ -521,7 +568,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     p.error(f"{both[0]} given both as --asf and as --{both[0].replace('_', '-')}: give one")
 
 
-def random_init_banner(mode: str, model_type: str) -> str:
+def random_init_banner(mode: str, model_type: Optional[str]) -> str:
   which = "the AoP bundle's SAM" if mode == "aop" else (model_type or DEFAULT_MODEL_TYPE)
   return ("=" * 72 + "\nWARNING: no --checkpoint given: using RANDOM-INIT weights "
           f"({which}).\nThe masks are meaningless; this run only exercises the "
@@ -600,8 +647,10 @@ def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[st
       failed.append((path, reason))
       continue
     written += 1
-    note = " (every mask was filtered out: see the thresholds above)" if not records else ""
-    tqdm.write(f"{path}: {len(records)} masks in {secs:.1f}s{note}")
+    tqdm.write(f"{path}: {len(records)} masks in {secs:.1f}s")
+    if not records:
+      tqdm.write(f"  {extra.get('diagnosis', '0 masks: every mask was filtered out')}",
+                 file=sys.stderr)
   return written, failed
 
 

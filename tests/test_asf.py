@@ -149,8 +149,14 @@ def test_background_and_low_iou_candidates_filtered():
   assert np.asarray(out["prompt_accepted"]).sum() == 1
   # with the IoU filter off, every candidate of both prompts passes
   # (stability of the +-10 masks is 1; the full-image / dot ones too)
+  # what each filter removed, in order: 2 prompts x 3 candidates decoded
+  counts = {k: int(out[k]) for k in ("num_candidates", "removed_iou", "removed_stability",
+                                     "removed_redundant", "removed_nms")}
+  assert counts == {"num_candidates": 6, "removed_iou": 5, "removed_stability": 0,
+                    "removed_redundant": 0, "removed_nms": 0}
   out = run(hm, fake_decoder(lab), k_coarse=4, k_fine=0, pred_iou_thresh=0.0)
   assert int(out["num_filtered"]) == 6
+  assert int(out["removed_iou"]) == 0 and int(out["removed_redundant"]) == 4
 
 
 def test_mask_nms_removes_overlapping_masks():
@@ -163,6 +169,7 @@ def test_mask_nms_removes_overlapping_masks():
   acc = np.asarray(out["prompt_accepted"])
   assert acc.sum() == 2  # both prompts accepted ...
   assert int(out["num_kept"]) == 1  # ... but one mask survives NMS
+  assert int(out["removed_nms"]) == 1
   out = run(hm, fake_decoder(lab, extra={3: near_a}), k_coarse=4, k_fine=0, nms_thresh=0.99)
   assert int(out["num_kept"]) == 2
 

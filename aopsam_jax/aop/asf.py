@@ -165,6 +165,21 @@ def _top_peaks(cand: Array, prob: Array, k: int):
   return peaks.extract_peaks(scores[None], k, kernel=1)  # kernel 1: every finite pixel
 
 
+def filter_counts(p_ok: Array, iou: Array, stab: Array, cand_ok: Array, cand: Array,
+                  kept: Array, cfg: AsfConfig) -> Dict[str, Array]:
+  """How many of the decoded (P, M) candidates each filter removed, applied in
+  order (IoU, stability, prompt redundancy, mask NMS): the numbers the CLI
+  prints when nothing survives."""
+  n = lambda x: jnp.sum(x.astype(jnp.int32))
+  dec = jnp.broadcast_to(p_ok[:, None], iou.shape)
+  pass_iou = iou > cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0.0 else jnp.ones_like(dec)
+  pass_stab = (stab >= cfg.stability_score_thresh if cfg.stability_score_thresh > 0.0
+               else jnp.ones_like(dec))
+  return dict(num_candidates=n(dec), removed_iou=n(dec & ~pass_iou),
+              removed_stability=n(dec & pass_iou & ~pass_stab),
+              removed_redundant=n(cand_ok) - n(cand), removed_nms=n(cand) - n(kept))
+
+
 def run(heatmap_logits: Array, input_hw: Array, decode_fn: DecodeFn,
         cfg: AsfConfig = AsfConfig()) -> Dict[str, Array]:
   """ASF on one image.
@@ -181,7 +196,11 @@ def run(heatmap_logits: Array, input_hw: Array, decode_fn: DecodeFn,
     prompt_valid (P,) decoded prompts, prompt_accepted (P,) prompts that
     survived filtering and redundancy; num_prompts (decoded),
     num_filtered (candidates passing the IoU/stability filters),
-    num_kept (masks surviving NMS; > N means overflow), threshold (coarse).
+    num_kept (masks surviving NMS; > N means overflow), threshold (coarse);
+    `filter_counts(...)`: the decoded candidates (num_candidates) and how many
+    each filter removed, in order: removed_iou, removed_stability,
+    removed_redundant (prompt inside an accepted mask, or beyond
+    masks_per_prompt), removed_nms.
   """
   l = heatmap_logits.shape[-1]
   if heatmap_logits.shape != (l, l):
@@ -238,7 +257,9 @@ def _select_masks(s: Dict[str, Array], region: Array, cfg: AsfConfig) -> Dict[st
   sel, sel_ok = mask_ops.top_k_valid(flat_iou, kept, min(cfg.max_masks, p * m))
   prompt_idx = sel // m
   p_ok = s["ok"]
+  counts = filter_counts(p_ok, iou, s["stab"], cand_ok, cand, kept, cfg)
   return dict(
+      **counts,
       low_res_logits=logits.reshape(p * m, l, l)[sel],
       iou=flat_iou[sel], stability=s["stab"].reshape(-1)[sel], mask_index=sel % m,
       prompt_index=prompt_idx, points_in=s["pts_in"][prompt_idx],

@@ -27,6 +27,8 @@ axis for batches); `masks_at_original` / `to_records` turn them into masks / rec
   valid (N,)                    slot holds a mask (valid first, by predicted IoU)
   prompt_points (P, 2), prompt_valid (P,), prompt_accepted (P,): every decoded prompt
   num_prompts, num_filtered, num_kept, heatmap (256, 256) logits
+  num_candidates, removed_iou, removed_stability, removed_redundant, removed_nms:
+                                what each mask filter removed (`asf.filter_counts`)
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ from aopsam_jax.sam.prompts import single_point_prompts
 from aopsam_jax.sam.transforms import postprocess_masks, prepare_image
 
 AsfConfig = asf.AsfConfig
+# per-filter candidate counts passed through from `asf.filter_counts`
+FILTER_COUNTS = ("num_candidates", "removed_iou", "removed_stability", "removed_redundant",
+                 "removed_nms")
 
 
 class AopSam(nnx.Module):
@@ -102,6 +107,7 @@ def _segment_one(model: AopSam, padded, input_hw, original_hw, cfg: AsfConfig):
       prompt_scores=out["prompt_scores"], prompt_valid=out["prompt_valid"],
       prompt_accepted=out["prompt_accepted"], num_prompts=out["num_prompts"],
       num_filtered=out["num_filtered"], num_kept=out["num_kept"], heatmap=hm,
+      **{k: out[k] for k in FILTER_COUNTS},
       input_hw=input_hw, original_hw=original_hw)
 
 

@@ -42,17 +42,16 @@ import numpy as np
 
 from aopsam_jax.sam import params as P
 from aopsam_jax.sam import pth_reader
-from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig
+from aopsam_jax.sam.config import (CHECKPOINT_NAMES, HF_CHECKPOINTS, OFFICIAL_CHECKPOINTS,
+                                   SAM_CONFIGS, SamConfig)
 
 CheckpointError = P.CheckpointError
 CONVERTER_VERSION = "2"
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-OFFICIAL_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth",
-                  "vit_h": "sam_vit_h_4b8939.pth"}
-HF_IDS = {"facebook/sam-vit-base": "vit_b", "facebook/sam-vit-large": "vit_l",
-          "facebook/sam-vit-huge": "vit_h"}
-NAMES = tuple(OFFICIAL_FILES) + tuple(HF_IDS)
+OFFICIAL_FILES = OFFICIAL_CHECKPOINTS
+HF_IDS = HF_CHECKPOINTS
+NAMES = CHECKPOINT_NAMES
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _KNOWN_MAGIC = {  # a few common non-checkpoint formats, for a friendlier message

@@ -120,6 +120,15 @@ SAM_CONFIGS = {
 }
 
 
+# Released checkpoints that `checkpoints.load_sam` fetches by name: the official
+# files (segment-anything README) and the Hugging Face hub copies, by architecture.
+OFFICIAL_CHECKPOINTS = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth",
+                        "vit_h": "sam_vit_h_4b8939.pth"}
+HF_CHECKPOINTS = {"facebook/sam-vit-base": "vit_b", "facebook/sam-vit-large": "vit_l",
+                  "facebook/sam-vit-huge": "vit_h"}
+CHECKPOINT_NAMES = tuple(OFFICIAL_CHECKPOINTS) + tuple(HF_CHECKPOINTS)
+
+
 def get_sam_config(name: str) -> SamConfig:
   try:
     return SAM_CONFIGS[name]
