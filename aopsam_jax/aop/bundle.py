@@ -104,9 +104,10 @@ def save_bundle(path: str, sam, predictor: PromptPredictor, asf_cfg: AsfConfig =
   fingerprint check proves it); otherwise `sam.safetensors` holds them.
 
   `trained_fingerprint`: the encoder an embedding-consuming predictor was trained
-  with (`python -m aopsam_jax.train` records it in predictor/config.json); such a
-  predictor is only bundled with that encoder (`EncoderMismatch` otherwise)."""
-  if predictor.config.use_embedding:
+  with (`python -m aopsam_jax.train` records it in predictor/config.json): when
+  given, such a predictor is only bundled with that encoder (`EncoderMismatch`
+  otherwise); None means the caller vouches for the pairing."""
+  if predictor.config.use_embedding and trained_fingerprint is not None:
     check_encoder(predictor, trained_fingerprint, sam)
   os.makedirs(path, exist_ok=True)
   fp = encoder_fingerprint(sam)
