@@ -181,3 +181,24 @@ def test_aop_with_converted_random_vit_b_gives_that_sams_masks(tmp_path, capsys)
                             "counts": r["segmentation"]["counts"].encode()}).astype(bool)
     m = np.asarray(masks[j], bool)
     assert (seg & m).sum() / max((seg | m).sum(), 1) > 0.98
+
+
+def test_image_only_training_reads_no_embedding():
+  """An image-only predictor trains on `transforms.image_small_np` (host numpy,
+  no SAM encoder): the same input the pipeline gives it at inference, and the
+  train step hands it no embedding at all."""
+  import jax.numpy as jnp
+  from aopsam_jax.aop.prompt_predictor import downsample_image
+  from aopsam_jax.sam import transforms
+  from aopsam_jax.trainer.steps import model_inputs
+  image = np.random.default_rng(4).integers(0, 255, (300, 200, 3), np.uint8)
+  padded, hw, _ = transforms.prepare_image(image, 1024)
+  ours = transforms.image_small_np(padded, hw)
+  ref = np.asarray(downsample_image(transforms.preprocess(jnp.asarray(padded)[None],
+                                                          jnp.asarray(hw)[None])))[0]
+  np.testing.assert_allclose(ours, ref, atol=1e-5)
+  emb, small = model_inputs({"image_small": ours[None]}, None, None)
+  assert emb is None and small.shape == (1, 256, 256, 3)
+  from flax import nnx
+  pp = PromptPredictor(PromptPredictorConfig(use_embedding=False, **SMALL), rngs=nnx.Rngs(0))
+  assert pp(None, jnp.asarray(small)).shape == (1, 256, 256)
