@@ -155,8 +155,11 @@ def test_bundle_roundtrip(tmp_path, setup):
                   jax.tree.leaves(nnx.state(b2.model, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
   other = build_model(get_sam_config("vit_tiny_test"), seed=1)
-  with pytest.warns(UserWarning, match="differs"):  # predictor trained on another encoder
-    b3 = bundle_lib.load_bundle(str(path), sam=other)
+  # the predictor reads the embedding of another encoder: refused, unless forced
+  with pytest.raises(bundle_lib.EncoderMismatch, match="another image encoder"):
+    bundle_lib.load_bundle(str(path), sam=other)
+  with pytest.warns(UserWarning, match="forced"):
+    b3 = bundle_lib.load_bundle(str(path), sam=other, force_encoder=True)
   assert b3.sam is other and not b3.random_sam
   with pytest.raises(ValueError, match="reproduce"):
     bundle_lib.save_bundle(str(tmp_path / "b3"), b.sam, b.predictor, CFG,
