@@ -406,6 +406,25 @@ def coco_results(records, image_id: int, weights: str,
 # --- CLI ---------------------------------------------------------------------
 
 
+def add_weights_arguments(p: argparse.ArgumentParser) -> None:
+  """--checkpoint (any SAM source), --model-type (an assertion) and --force-encoder."""
+  p.add_argument("--checkpoint", default=None,
+                 help="SAM weights: an official sam_vit_{b,l,h}_*.pth (any size, detected from "
+                      "the shapes; read without torch), a converted .safetensors, a Hugging Face "
+                      "SamModel folder, or a name (vit_b, vit_l, vit_h, facebook/sam-vit-base|"
+                      "large|huge) downloaded once into the cache ($AOPSAM_CACHE, default "
+                      "~/.cache/aopsam_jax). Omitted: RANDOM-INIT weights (meaningless masks; "
+                      "for smoke tests)")
+  p.add_argument("--model-type", default=None, choices=sorted(SAM_CONFIGS),
+                 help="without --checkpoint: the random-init architecture (default vit_b; vit_t "
+                      "is MobileSAM); with it: an optional assertion (fail unless the weights "
+                      "are this one)")
+  p.add_argument("--force-encoder", action="store_true",
+                 help="aop mode: run a bundle whose predictor reads SAM's image embedding with a "
+                      "SAM it was not trained with (refused otherwise; the shipped image-only "
+                      "predictor fits every SAM)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   from aopsam_jax.cli import EXIT_STATUS_HELP, ArgumentParser
   p = ArgumentParser(
@@ -423,21 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR",
                  help="image files and/or directories of images; none = the bundled sample image")
-  p.add_argument("--checkpoint", default=None,
-                 help="SAM weights: an official sam_vit_{b,l,h}_*.pth (any size, detected from "
-                      "the shapes; read without torch), a converted .safetensors, a Hugging Face "
-                      "SamModel folder, or a name (vit_b, vit_l, vit_h, facebook/sam-vit-base|"
-                      "large|huge) downloaded once into the cache ($AOPSAM_CACHE, default "
-                      "~/.cache/aopsam_jax). Omitted: RANDOM-INIT weights (meaningless masks; "
-                      "for smoke tests)")
-  p.add_argument("--model-type", default=None, choices=sorted(SAM_CONFIGS),
-                 help="without --checkpoint: the random-init architecture (default vit_b; vit_t "
-                      "is MobileSAM); with it: an optional assertion (fail unless the weights "
-                      "are this one)")
-  p.add_argument("--force-encoder", action="store_true",
-                 help="aop mode: run a bundle whose predictor reads SAM's image embedding with a "
-                      "SAM it was not trained with (refused otherwise; the shipped image-only "
-                      "predictor fits every SAM)")
+  add_weights_arguments(p)
   p.add_argument("--mode", default="aop", choices=sorted(MODES),
                  help="aop: AoP-SAM (prompt predictor + adaptive sampling, --bundle); amg: grid "
                       "automatic mask generation; prompt: masks from --point/--box")
