@@ -78,7 +78,7 @@ def depthwise_conv(x: Array, k: Array, stride: int, pad: int) -> Array:
   """Depthwise conv (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds.
 
   XLA:CPU runs a grouped convolution with one channel per group several
-  times slower than this fused elementwise form (benchmarks/bench_tiny_vit.py).
+  times slower than this fused elementwise form (BENCHMARKS.md §8).
   """
   kh, kw = k.shape[:2]
   h, w = x.shape[1:3]
