@@ -246,7 +246,8 @@ def test_crop_layers_match_official(models, image, monkeypatch):
 def test_compiles_once_per_size_bucket_and_thresholds(models):
   _, model = models
   rng = np.random.default_rng(0)
-  kw = dict(points_per_side=2, points_per_batch=4, pred_iou_thresh=0.0, stability_score_offset=0.05,
+  # points_per_batch 2: a static configuration no other test compiles
+  kw = dict(points_per_side=2, points_per_batch=2, pred_iou_thresh=0.0, stability_score_offset=0.05,
             box_nms_thresh=1.0)
   before = amg._generate_jit._cache_size()
   for hw, t in (((100, 150), 0.0), ((120, 160), 0.2), ((65, 130), 0.3)):  # one 128x192 bucket
