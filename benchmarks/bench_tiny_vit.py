@@ -130,7 +130,7 @@ def bench_e2e(repeats: int, model_types, settings, write):
   for s in settings:  # every model's AMG_S before any AMG_D: a cut-short run keeps pairs
     for mt, model in models.items():
       side = {"S": 16, "D": 32}[s]
-      gen = amg.AutomaticMaskGenerator(model, amg.AmgConfig(points_per_side=side, **THRESH))
+      gen = amg.SamAutomaticMaskGenerator(model, points_per_side=side, **THRESH)
       med, first, n = _timed(lambda gen=gen: gen.generate(image), repeats)
       row = f"| AMG_{s} | {mt} | {med:.2f} | {first:.1f} | {side * side} grid + re-decode | {n} |"
       print(row, flush=True)
