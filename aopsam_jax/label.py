@@ -163,8 +163,9 @@ def make_step(model, cfg, batch_per_device: int):
 # --- host: fetch, upsample, RLE-encode behind the device -----------------------
 
 
-def image_results(out: Dict[str, np.ndarray], item: store.Item, img_size: int) -> List[Dict]:
-  """One image's pipeline outputs -> COCO results (compressed RLE)."""
+def image_results(out: Dict[str, np.ndarray], item: store.Item,
+                  img_size: int) -> Tuple[List[Dict], List[Dict]]:
+  """One image's pipeline outputs -> (COCO results with compressed RLE, the mask records)."""
   from aopsam_jax.aop import pipeline
   from aopsam_jax.sam import rle
   records = pipeline.to_records(out, "binary_mask", img_size)
