@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import resource
 import sys
 
@@ -24,3 +25,15 @@ def peak_rss_kb() -> int:
     pass
   peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
   return peak // 1024 if sys.platform == "darwin" else peak
+
+
+def cpu_model() -> str:
+  """The processor's marketing name (from /proc/cpuinfo where present), for benchmark tables."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

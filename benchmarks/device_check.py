@@ -49,6 +49,7 @@ from aopsam_jax.sam import amg, modeling  # noqa: E402
 from aopsam_jax.sam.config import SamConfig, get_sam_config  # noqa: E402
 from aopsam_jax.sam.prompts import build_sparse_prompts  # noqa: E402
 from aopsam_jax.sam.transforms import apply_coords, prepare_image  # noqa: E402
+from aopsam_jax.sysinfo import cpu_model  # noqa: E402
 
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 # --smoke: a thin encoder at a 256 input, so every program compiles and runs in seconds on CPU.
@@ -249,7 +250,7 @@ def machine_info(report: Report, plan: Plan, budget: Budget) -> None:
   report.machine += [
       "| machine | |", "|---|---|",
       f"| device | {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}) |",
-      f"| host | {platform.machine()}, {os.cpu_count()} CPUs, {_cpu_model()} |",
+      f"| host | {platform.machine()}, {os.cpu_count()} CPUs, {cpu_model()} |",
       f"| versions | jax {jax.__version__}, flax {flax.__version__}, numpy {np.__version__}, "
       f"python {platform.python_version()}, {tv} |",
   ]
@@ -264,14 +265,6 @@ def machine_info(report: Report, plan: Plan, budget: Budget) -> None:
   report.write()
 
 
-def _cpu_model() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "?"
 
 
 def test_image(seed: int, h: int = 768, w: int = 1024) -> np.ndarray:
