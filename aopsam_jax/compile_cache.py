@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Optional
 
 ENV = "AOPSAM_COMPILE_CACHE"
+MIN_S_ENV = "AOPSAM_COMPILE_CACHE_MIN_S"  # programs compiling faster than this are not stored
 OFF_VALUES = ("", "0", "off", "none", "false")
 
 _state = {"dir": None}
@@ -39,10 +40,13 @@ def cache_dir() -> Optional[str]:
   return None if value.strip().lower() in OFF_VALUES else os.path.expanduser(value)
 
 
-def enable(directory: str, min_compile_s: float = 1.0) -> str:
+def enable(directory: str, min_compile_s: Optional[float] = None) -> str:
   """Turn JAX's persistent cache on in `directory` for programs that take at
-  least `min_compile_s` to compile (the quick ones are not worth a file)."""
+  least `min_compile_s` to compile (default 1 s, or `$AOPSAM_COMPILE_CACHE_MIN_S`):
+  the quick ones are not worth a file."""
   import jax
+  if min_compile_s is None:
+    min_compile_s = float(os.environ.get(MIN_S_ENV, "1.0"))
   os.makedirs(directory, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_s))
