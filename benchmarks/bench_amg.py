@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from aopsam_jax.sysinfo import peak_rss_kb  # noqa: E402
+from aopsam_jax.sysinfo import cpu_model, peak_rss_kb  # noqa: E402
 
 THRESH = dict(pred_iou_thresh=-1.0, stability_score_thresh=0.25, stability_score_offset=0.05,
               box_nms_thresh=0.7)
@@ -116,13 +116,7 @@ def worker(impl: str, setting: str, model_type: str, repeats: int, weights: str,
 def machine() -> str:
   import jax
   d = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except Exception:
-    pass
-  return (f"{platform.node()} | {os.cpu_count()} CPU threads ({cpu}) | JAX {jax.__version__} "
+  return (f"{platform.node()} | {os.cpu_count()} CPU threads ({cpu_model()}) | JAX {jax.__version__} "
           f"{d.platform}:{d.device_kind} | load avg {os.getloadavg()[0]:.1f}")
 
 

@@ -33,13 +33,9 @@ COCO_TINY = os.path.join(os.environ.get("AOPSAM_DATA", os.path.join(REPO, "..", 
 
 
 def machine() -> str:
-  cpu = platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except Exception:
-    pass
-  return f"{platform.node()} | {os.cpu_count()} CPU threads ({cpu}) | load avg {os.getloadavg()[0]:.1f}"
+  from aopsam_jax.sysinfo import cpu_model
+  return (f"{platform.node()} | {os.cpu_count()} CPU threads ({cpu_model()}) | "
+          f"load avg {os.getloadavg()[0]:.1f}")
 
 
 def make_cycled_source(root: str, n: int, coco_tiny: str) -> str:
