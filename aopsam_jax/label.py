@@ -167,15 +167,9 @@ def image_results(out: Dict[str, np.ndarray], item: store.Item,
                   img_size: int) -> Tuple[List[Dict], List[Dict]]:
   """One image's pipeline outputs -> (COCO results with compressed RLE, the mask records)."""
   from aopsam_jax.aop import pipeline
-  from aopsam_jax.sam import rle
+  from aopsam_jax.sam.records import coco_results
   records = pipeline.to_records(out, "binary_mask", img_size)
-  res = []
-  for r in records:
-    seg = rle.encode(np.asarray(r["segmentation"], bool))
-    res.append({"image_id": item.image_id, "file_name": item.file_name, "category_id": 1,
-                "segmentation": seg, "bbox": r["bbox"], "area": r["area"],
-                "score": r["predicted_iou"], "predicted_iou": r["predicted_iou"],
-                "stability_score": r["stability_score"], "point_coords": r["point_coords"]})
+  res = coco_results(records, item.image_id, file_name=item.file_name)
   return res, records
 
 

@@ -390,16 +390,11 @@ def coco_results(records, image_id: int, weights: str,
                  ) -> List[Dict[str, Any]]:
   """COCO results entries; each names the weights and the mask-quality
   thresholds ({name: {"value", "source"}}) that produced it."""
-  from aopsam_jax.sam import rle
+  from aopsam_jax.sam import records as records_lib
   th = {k: {"value": v, "source": src} for k, (v, src) in (thresholds or {}).items()}
-  out = []
-  for r in records:
-    seg = rle.encode(np.asarray(r["segmentation"], bool))
-    out.append({"image_id": image_id, "category_id": 1, "segmentation": seg,
-                "score": r["predicted_iou"], "bbox": r["bbox"], "area": r["area"],
-                "predicted_iou": r["predicted_iou"], "stability_score": r["stability_score"],
-                "point_coords": r["point_coords"], "crop_box": r["crop_box"],
-                "weights": weights, "thresholds": th})
+  out = records_lib.coco_results(records, image_id, weights=weights, thresholds=th)
+  for entry, r in zip(out, records):
+    entry["crop_box"] = r["crop_box"]
   return out
 
 

@@ -86,3 +86,19 @@ def masks_to_records(masks: np.ndarray, predicted_iou, stability, points,
         "crop_box": _xywh(crop_boxes[i]),
     })
   return records
+
+
+def coco_results(records: List[Dict[str, Any]], image_id: int, **extra: Any) -> List[Dict[str, Any]]:
+  """Mask records -> COCO results entries (class-agnostic `category_id` 1, compressed RLE,
+  `score` = predicted IoU), each carrying the record's scores and prompt plus `extra`
+  fields (e.g. `file_name`, the weights used)."""
+  out = []
+  for r in records:
+    seg = r["segmentation"]
+    if not (isinstance(seg, dict) and isinstance(seg.get("counts"), str)):
+      seg = rle_lib.encode(np.asarray(seg, bool))
+    out.append({"image_id": image_id, "category_id": 1, "segmentation": seg,
+                "score": r["predicted_iou"], "bbox": r["bbox"], "area": r["area"],
+                "predicted_iou": r["predicted_iou"], "stability_score": r["stability_score"],
+                "point_coords": r["point_coords"], **extra})
+  return out
