@@ -144,7 +144,8 @@ def main(argv=None) -> int:
   p.add_argument("--skip-e2e", action="store_true", help="encoders only")
   p.add_argument("--skip-encoders", action="store_true", help="end to end only")
   p.add_argument("--e2e-models", default="vit_t,vit_b", help="SAMs for the grid AMG rows")
-  p.add_argument("--settings", default="S,D", help="grid AMG settings: S (16x16), D (32x32)")
+  p.add_argument("--settings", default="S,D",
+                 help="grid AMG settings: S (16x16), D (32x32); '' = AoP-SAM rows only")
   p.add_argument("--out", default=None, help="markdown path (default results/tiny_vit_<backend>.md)")
   args = p.parse_args(argv)
   import jax
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
            f"Grid AMG thresholds (random init): {THRESH}.", "",
            "| method | SAM | s / image | first call s | prompts | masks |",
            "|---|---|---|---|---|---|"])
-    bench_e2e(args.e2e_repeats, args.e2e_models.split(","), args.settings.split(","), write)
+    bench_e2e(args.e2e_repeats, [m for m in args.e2e_models.split(",") if m],
+              [s for s in args.settings.split(",") if s], write)
   print("\n".join(lines))
   print("wrote", path)
   return 0
