@@ -116,7 +116,7 @@ class PatchEmbed(nnx.Module):
 # Output rows per stripe in `row_stripes`: a stripe of the MBConv stage's
 # 4x-wide hidden activation (1024 input: 10 x 256 x 256 floats) stays in cache.
 STRIPE_ROWS = 8
-STRIPE_MIN_SIZE = 2**21  # elements of the widest intermediate below which whole is faster
+STRIPE_MIN_SIZE = 2**22  # elements of the widest intermediate below which whole is faster
 
 
 def row_stripes(fn, x: Array, rows: int, stride: int = 1, halo: int = 1) -> Array:
@@ -251,17 +251,25 @@ class Attention(nnx.Module):
     self.window = window
 
   def __call__(self, x: Array) -> Array:
-    b, n, c = x.shape
+    """(B, N, C) window tokens -> (B, N, C)."""
+    return self.proj(self.mix(self.qkv(self.norm(x))))
+
+  def pad_qkv(self) -> Array:
+    """qkv of a zero padding token: LayerNorm(0) is the norm's bias."""
+    return self.qkv(self.norm.bias[...][None])[0]
+
+  def mix(self, qkv: Array) -> Array:
+    """(B, N, 3C) fused qkv of window tokens -> (B, N, C) attention output before `proj`."""
+    b, n, c3 = qkv.shape
     nh, kd = self.num_heads, self.key_dim
     # heads first once: batched dots over a leading (b, h) run 1.5-4x faster
     # on XLA:CPU than ones that transpose (b, n, h, d) operands themselves
-    qkv = self.qkv(self.norm(x)).reshape(b, n, nh, 3 * kd).transpose(0, 2, 1, 3)
+    qkv = qkv.reshape(b, n, nh, 3 * kd).transpose(0, 2, 1, 3)
     q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]
     bias = self.attention_biases[...][:, attention_bias_idxs(self.window)]  # (nh, N, N)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * self.scale + bias
     p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", p, v).transpose(0, 2, 1, 3).reshape(b, n, c)
-    return self.proj(out)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v).transpose(0, 2, 1, 3).reshape(b, n, c3 // 3)
 
 
 class Mlp(nnx.Module):
@@ -277,17 +285,33 @@ class Mlp(nnx.Module):
 
 
 def window_attention(attn: Attention, x: Array, window: int) -> Array:
-  """Attention inside non-overlapping windows of (B, H, W, C), zero padding bottom / right."""
+  """Attention inside non-overlapping windows of (B, H, W, C), zero padding bottom / right.
+
+  One row of windows at a time (lax.map), which keeps the qkv and logits in
+  cache.  The per-token norm, qkv and output projections run on the image
+  tokens only: a zero padding token's qkv is one constant vector
+  (`pad_qkv`) and padding outputs are cropped, so this equals padding
+  first, as the reference does, with 8-20% fewer tokens through them.
+  """
   b, h, w, c = x.shape
-  if h == window and w == window:
-    return attn(x.reshape(b, h * w, c)).reshape(b, h, w, c)
   ph, pw = -h % window, -w % window
-  x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
   nh, nw = (h + ph) // window, (w + pw) // window
-  x = x.reshape(b, nh, window, nw, window, c).transpose(0, 1, 3, 2, 4, 5)
-  x = attn(x.reshape(b * nh * nw, window * window, c))
-  x = x.reshape(b, nh, nw, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h + ph, w + pw, c)[:, :h, :w]
+  pad = attn.pad_qkv()
+  xr = jnp.pad(x, ((0, 0), (0, ph), (0, 0), (0, 0))).reshape(b, nh, window, w, c)
+
+  def one_row(i):
+    qkv = attn.qkv(attn.norm(xr[:, i]))  # (b, window, w, 3c)
+    qkv = jnp.where((i * window + jnp.arange(window) < h)[None, :, None, None], qkv,
+                    pad.astype(qkv.dtype))
+    qkv = jnp.concatenate([qkv, jnp.broadcast_to(pad.astype(qkv.dtype), (b, window, pw, 3 * c))],
+                          axis=2)
+    qkv = qkv.reshape(b, window, nw, window, 3 * c).transpose(0, 2, 1, 3, 4)
+    y = attn.mix(qkv.reshape(b * nw, window * window, 3 * c))
+    y = y.reshape(b, nw, window, window, c).transpose(0, 2, 1, 3, 4)
+    return attn.proj(y.reshape(b, window, nw * window, c)[:, :, :w])
+
+  y = jax.lax.map(one_row, jnp.arange(nh))  # (nh, b, window, w, c)
+  return jnp.moveaxis(y, 0, 1).reshape(b, nh * window, w, c)[:, :h]
 
 
 class TinyViTBlock(nnx.Module):
@@ -302,8 +326,17 @@ class TinyViTBlock(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     x = x + window_attention(self.attn, x, self.window)
-    x = self.local_conv(x)
-    return x + self.mlp(x)
+    p = self.local_conv.pad
+    rows = stripe_rows(x, self.mlp.fc1.out_features, 1)
+    if not rows:
+      return self.conv_mlp(jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0))))
+    return row_stripes(lambda xs, _: self.conv_mlp(xs), x, rows, halo=p)
+
+  def conv_mlp(self, xs: Array) -> Array:
+    """Local conv then MLP residual of rows xs (with `pad` zero halo rows)."""
+    p = self.local_conv.pad
+    y = own(self.local_conv(xs, pad=((0, 0), (p, p))))
+    return y + self.mlp(y)
 
 
 class Stage(nnx.Module):
