@@ -110,7 +110,21 @@ class PatchEmbed(nnx.Module):
     self.conv2 = ConvBN(dim // 2, dim, rngs, ks=3, stride=2, dtype=dtype)
 
   def __call__(self, x: Array) -> Array:
-    return self.conv2(gelu(self.conv1(x)))
+    h = x.shape[1]
+    rows = stripe_rows(x, self.conv1.kernel.shape[-1], 4)
+    if not rows:
+      return self.rows(jnp.pad(x, ((0, 0), (3, 3), (0, 0), (0, 0))), -3, h)
+    return row_stripes(lambda xs, r0: self.rows(xs, r0, h), x, rows, stride=4, halo=3)
+
+  def rows(self, xs: Array, row0, h: int) -> Array:
+    """Output rows of the input rows xs (3 halo rows each side; image rows [0, h)).
+
+    xs row 2t + (0..2) feeds conv1 row (row0 + 3) / 2 - 1 + t; conv2 pads
+    conv1's output (ceil(h / 2) rows) with zeros.
+    """
+    y = own(gelu(self.conv1(xs, pad=((0, 0), (1, 1)))))
+    y = own(zero_outside(y, (row0 + 3) // 2 - 1, -(-h // 2)))
+    return self.conv2(y, pad=((0, 0), (1, 1)))
 
 
 # Output rows per stripe in `row_stripes`: a stripe of the MBConv stage's
