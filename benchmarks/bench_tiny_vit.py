@@ -2,13 +2,18 @@
 
   python benchmarks/bench_tiny_vit.py                 # encoders + end to end, 1 image
   python benchmarks/bench_tiny_vit.py --skip-e2e --repeats 5
+  python benchmarks/bench_tiny_vit.py --skip-e2e --baseline 21a90e4 --no-vit-b  # before / after
 
 Part 1, image encoder (1024 x 1024 input, batch 1): this port's vit_t and
 vit_b (jax.jit, float32) and MobileSAM's PyTorch TinyViT (the reference code,
 `mobilesam-mirror`, torch CPU threads = cores).  The three run in
 interleaved rounds so that a shared machine's load hits them alike; the table
 gives the median and the minimum and the ratio to the JAX vit_t median.  FLOPs
-are XLA's cost analysis of the compiled encoder.
+are XLA's cost analysis of the compiled encoder (blank where the encoder
+runs stripes in a loop, which the analysis does not count).  --baseline REV
+adds this port's TinyViT code as of git commit REV (its tiny_vit.py and
+norm.py, loaded from git into this process) with the same weights, timed in
+the same rounds, and says how far its embedding is from this tree's.
 
 Part 2, end to end per image (image array -> mask records at the original
 size, as benchmarks/bench_amg.py times it): AoP-SAM with vit_t (the shipped
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -36,22 +42,62 @@ sys.path.insert(0, ROOT)
 from benchmarks.bench_amg import THRESH, machine  # noqa: E402
 
 
-def _jax_encoder(model_type: str):
-  """(run(x), GFLOPs) for this port's encoder with random weights."""
+def _input():
   import jax
-  import jax.numpy as jnp
+  return jax.random.normal(jax.random.key(0), (1, 1024, 1024, 3), jax.numpy.float32)
+
+
+def _compiled(encoder, x):
+  """(run(), GFLOPs, output) of jax.jit(encoder) on x.
+
+  XLA's cost analysis does not look inside loops (lax.map), so the FLOPs of
+  an encoder that runs stripes in one are under-counted: those report nan.
+  """
+  import jax
   from flax import nnx
-  from aopsam_jax.sam.config import get_sam_config
-  from aopsam_jax.sam.params import build_model
-  model = build_model(get_sam_config(model_type), seed=0)
-  graphdef, state = nnx.split(model.image_encoder)
-  fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
-  x = jnp.zeros((1, 1024, 1024, 3), jnp.float32)
-  compiled = fn.lower(state, x).compile()
+  graphdef, state = nnx.split(encoder)
+  compiled = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, x).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gflops = float((cost or {}).get("flops", float("nan"))) / 1e9
-  return lambda: jax.block_until_ready(compiled(state, x)), gflops
+  if "while" in compiled.as_text():
+    gflops = float("nan")
+  out = jax.block_until_ready(compiled(state, x))
+  return (lambda: jax.block_until_ready(compiled(state, x))), gflops, out
+
+
+def _jax_encoder(model_type: str):
+  """(run(), GFLOPs, output, model) for this port's encoder with random weights."""
+  from aopsam_jax.sam.config import get_sam_config
+  from aopsam_jax.sam.params import build_model
+  model = build_model(get_sam_config(model_type), seed=0)
+  return _compiled(model.image_encoder, _input()) + (model,)
+
+
+def _git_module(rev: str, path: str, name: str, replace=()):
+  """The module at `path` as of git commit `rev`, imported under `name`."""
+  import types
+  src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{path}"], check=True,
+                       capture_output=True, text=True).stdout
+  for a, b in replace:
+    src = src.replace(a, b)
+  mod = types.ModuleType(name)
+  mod.__file__ = f"{rev}:{path}"
+  sys.modules[name] = mod
+  exec(compile(src, mod.__file__, "exec"), mod.__dict__)
+  return mod
+
+
+def _baseline_encoder(rev: str, model):
+  """`rev`'s TinyViT code (tiny_vit.py with its norm.py) holding `model`'s encoder weights."""
+  from flax import nnx
+  tag = "".join(ch for ch in rev if ch.isalnum())
+  norm = _git_module(rev, "aopsam_jax/sam/norm.py", f"_baseline_norm_{tag}")
+  tv = _git_module(rev, "aopsam_jax/sam/tiny_vit.py", f"_baseline_tiny_vit_{tag}",
+                   [("from aopsam_jax.sam.norm import", f"from {norm.__name__} import")])
+  enc = tv.TinyViT(model.config, nnx.Rngs(0))
+  nnx.update(enc, nnx.state(model.image_encoder))
+  return _compiled(enc, _input())
 
 
 def _torch_encoder():
@@ -67,10 +113,20 @@ def _torch_encoder():
   return run
 
 
-def bench_encoders(repeats: int):
-  runs = {"this port (JAX) vit_t": _jax_encoder("vit_t"),
-          "this port (JAX) vit_b": _jax_encoder("vit_b"),
-          "MobileSAM PyTorch vit_t": (_torch_encoder(), float("nan"))}
+def bench_encoders(repeats: int, baseline: str, vit_b: bool):
+  import numpy as np
+  run_t, gf_t, out_t, model_t = _jax_encoder("vit_t")
+  runs = {"this port (JAX) vit_t": (run_t, gf_t)}
+  notes = []
+  if baseline:
+    run_b, gf_b, out_b = _baseline_encoder(baseline, model_t)
+    runs[f"this port (JAX) vit_t at {baseline} (before)"] = (run_b, gf_b)
+    a, b = np.asarray(out_t, np.float64), np.asarray(out_b, np.float64)
+    notes.append(f"Embedding of this tree vs {baseline}, same weights and input: relative L2 "
+                 f"{np.linalg.norm(a - b) / np.linalg.norm(b):.1e}.")
+  if vit_b:
+    runs["this port (JAX) vit_b"] = _jax_encoder("vit_b")[:2]
+  runs["MobileSAM PyTorch vit_t"] = (_torch_encoder(), float("nan"))
   times = {k: [] for k in runs}
   for run, _ in runs.values():  # warm-up
     run()
@@ -86,7 +142,7 @@ def bench_encoders(repeats: int):
     rows.append(f"| {k} | {med:.3f} | {min(times[k]):.3f} | {med / base:.2f} | "
                 + ("" if gf != gf else f"{gf:.0f}") + " |")
     print(rows[-1], flush=True)
-  return rows
+  return rows + [""] * bool(notes) + notes
 
 
 def _image():
@@ -143,6 +199,9 @@ def main(argv=None) -> int:
   p.add_argument("--e2e-repeats", type=int, default=1, help="timed end-to-end calls per method")
   p.add_argument("--skip-e2e", action="store_true", help="encoders only")
   p.add_argument("--skip-encoders", action="store_true", help="end to end only")
+  p.add_argument("--baseline", default="",
+                 help="git commit whose TinyViT code to time too (same weights, same rounds)")
+  p.add_argument("--no-vit-b", action="store_true", help="leave the vit_b encoder out")
   p.add_argument("--e2e-models", default="vit_t,vit_b", help="SAMs for the grid AMG rows")
   p.add_argument("--settings", default="S,D",
                  help="grid AMG settings: S (16x16), D (32x32); '' = AoP-SAM rows only")
@@ -164,7 +223,8 @@ def main(argv=None) -> int:
       f.write("\n".join(lines + ["", f"Load average when written: {os.getloadavg()[0]:.1f}"])
               + "\n")
 
-  write(["(skipped)"] if args.skip_encoders else bench_encoders(args.repeats))
+  write(["(skipped)"] if args.skip_encoders else bench_encoders(args.repeats, args.baseline,
+                                                               not args.no_vit_b))
   if not args.skip_e2e:
     write(["", "## End to end per image (sample.jpg 640x428 -> mask records), median of "
            f"{args.e2e_repeats} call(s) after the compile call", "",
