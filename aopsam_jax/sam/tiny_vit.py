@@ -82,6 +82,17 @@ class ConvBN(nnx.Module):
     return y + b.astype(y.dtype)
 
 
+def own(x: Array) -> Array:
+  """x as its own buffer: XLA does not fuse it into its consumers.
+
+  XLA:CPU fuses the GELU, row mask and column padding into the nine-tap
+  depthwise sum and recomputes them per tap, poorly vectorised: an MBConv
+  block took 3.6x longer, a TinyViT block 1.2-1.5x, than with every step
+  materialised (in cache, as a stripe).
+  """
+  return jax.lax.optimization_barrier(x)
+
+
 def depthwise_conv(x: Array, k: Array, stride: int, pad) -> Array:
   """Depthwise conv (kernel (kh, kw, 1, C)) as kh*kw shifted multiply-adds.
 
@@ -93,7 +104,8 @@ def depthwise_conv(x: Array, k: Array, stride: int, pad) -> Array:
   h, w = x.shape[1:3]
   (pt, pb), (pl, pr) = pad
   ho, wo = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  # padded as its own buffer: fused into the taps, the padding is slow (see `own`)
+  xp = own(jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))) if pt + pb + pl + pr else x
   y = None
   for i in range(kh):
     for j in range(kw):
@@ -166,17 +178,6 @@ def stripe_rows(x: Array, width: int, stride: int) -> int:
   if h_in != h_out * stride or h_out <= STRIPE_ROWS or b * h_in * w * width < STRIPE_MIN_SIZE:
     return 0
   return max(d for d in range(1, STRIPE_ROWS + 1) if h_out % d == 0)
-
-
-def own(x: Array) -> Array:
-  """x as its own buffer: XLA does not fuse it into its consumers.
-
-  XLA:CPU fuses the GELU, row mask and column padding into the nine-tap
-  depthwise sum and recomputes them per tap, poorly vectorised: an MBConv
-  block took 3.6x longer than with every step materialised (in cache, as a
-  stripe).
-  """
-  return jax.lax.optimization_barrier(x)
 
 
 def zero_outside(y: Array, row0, h: int) -> Array:
@@ -266,21 +267,24 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     """(B, N, C) window tokens -> (B, N, C)."""
-    return self.proj(self.mix(self.qkv(self.norm(x))))
+    return self.proj(self.mix(self.qkv(self.norm(x)), self.bias()))
+
+  def bias(self) -> Array:
+    """(heads, N, N) attention bias of every (query, key) pair's offset."""
+    return self.attention_biases[...][:, attention_bias_idxs(self.window)]
 
   def pad_qkv(self) -> Array:
     """qkv of a zero padding token: LayerNorm(0) is the norm's bias."""
     return self.qkv(self.norm.bias[...][None])[0]
 
-  def mix(self, qkv: Array) -> Array:
-    """(B, N, 3C) fused qkv of window tokens -> (B, N, C) attention output before `proj`."""
+  def mix(self, qkv: Array, bias: Array) -> Array:
+    """(B, N, 3C) fused qkv of window tokens, `bias()` -> (B, N, C) output before `proj`."""
     b, n, c3 = qkv.shape
     nh, kd = self.num_heads, self.key_dim
     # heads first once: batched dots over a leading (b, h) run 1.5-4x faster
     # on XLA:CPU than ones that transpose (b, n, h, d) operands themselves
     qkv = qkv.reshape(b, n, nh, 3 * kd).transpose(0, 2, 1, 3)
     q, k, v = qkv[..., :kd], qkv[..., kd:2 * kd], qkv[..., 2 * kd:]
-    bias = self.attention_biases[...][:, attention_bias_idxs(self.window)]  # (nh, N, N)
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * self.scale + bias
     p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", p, v).transpose(0, 2, 1, 3).reshape(b, n, c3 // 3)
@@ -310,7 +314,7 @@ def window_attention(attn: Attention, x: Array, window: int) -> Array:
   b, h, w, c = x.shape
   ph, pw = -h % window, -w % window
   nh, nw = (h + ph) // window, (w + pw) // window
-  pad = attn.pad_qkv()
+  pad, bias = attn.pad_qkv(), attn.bias()  # once, not per row
   xr = jnp.pad(x, ((0, 0), (0, ph), (0, 0), (0, 0))).reshape(b, nh, window, w, c)
 
   def one_row(i):
@@ -320,7 +324,7 @@ def window_attention(attn: Attention, x: Array, window: int) -> Array:
     qkv = jnp.concatenate([qkv, jnp.broadcast_to(pad.astype(qkv.dtype), (b, window, pw, 3 * c))],
                           axis=2)
     qkv = qkv.reshape(b, window, nw, window, 3 * c).transpose(0, 2, 1, 3, 4)
-    y = attn.mix(qkv.reshape(b * nw, window * window, 3 * c))
+    y = attn.mix(qkv.reshape(b * nw, window * window, 3 * c), bias)
     y = y.reshape(b, nw, window, window, c).transpose(0, 2, 1, 3, 4)
     return attn.proj(y.reshape(b, window, nw * window, c)[:, :, :w])
 
