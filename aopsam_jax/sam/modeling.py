@@ -18,7 +18,7 @@ Details that matter for numerical parity (all read from the official code):
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +209,15 @@ def set_attention(model: nnx.Module, impl: str) -> nnx.Module:
   return model
 
 
+def set_scan_blocks(model: nnx.Module, on: bool) -> nnx.Module:
+  """Turn the scanned ViT blocks (`ImageEncoderViT.scan_blocks`) of `model`
+  on or off in place; parameters are untouched.  Returns `model`."""
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, ImageEncoderViT):
+      m.scan_blocks = bool(on)
+  return model
+
+
 def attention_impl(model: nnx.Module) -> str:
   """The encoder attention implementation of `model` ("auto" if it has none)."""
   for _, m in nnx.iter_graph(model):
@@ -271,9 +280,46 @@ class EncoderBlock(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
-class ImageEncoderViT(nnx.Module):
+def block_period(window_sizes: Sequence[int]) -> int:
+  """Smallest p dividing the depth with window_sizes[i] == window_sizes[i % p]:
+  3 for ViT-B (4 x [window, window, global]), 6 / 8 for ViT-L / ViT-H."""
+  n = len(window_sizes)
+  for p in range(1, n + 1):
+    if n % p == 0 and all(window_sizes[i] == window_sizes[i % p] for i in range(n)):
+      return p
+  return n
 
-  def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None):
+
+def run_blocks_scanned(blocks: Sequence[nnx.Module], x: Array, period: int) -> Array:
+  """blocks[0](...) ... blocks[-1](x) as a `lax.scan` over groups of `period`
+  blocks: XLA compiles one group instead of depth / period copies of it.
+
+  The parameters stay one module per block (the checkpoint layout); the
+  group's per-position states are stacked here, inside the traced call (one
+  copy of the encoder weights per call, ~0.3 GB for ViT-B: milliseconds).
+  The caller checks that blocks i and i % period share a graph definition."""
+  defs, states = zip(*(nnx.split(b) for b in blocks))
+  stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *states[j::period]) for j in range(period)]
+
+  def group(h, group_states):
+    for graphdef, state in zip(defs[:period], group_states):
+      h = nnx.merge(graphdef, state)(h)
+    return h, None
+
+  return jax.lax.scan(group, x, stacked)[0]
+
+
+class ImageEncoderViT(nnx.Module):
+  """SAM's ViT image encoder.
+
+  `scan_blocks` (default on): the blocks' repeating window/global pattern is
+  compiled once and run with `lax.scan` (`run_blocks_scanned`); same
+  parameters and numbers as the unrolled loop, which is used when off or
+  when the pattern does not repeat at least twice.  `set_scan_blocks`
+  switches an existing model.
+  """
+
+  def __init__(self, cfg: SamConfig, rngs: nnx.Rngs, dtype=None, scan_blocks: bool = True):
     dim = cfg.encoder_embed_dim
     grid = cfg.embed_size
     self.dtype = dtype
@@ -293,13 +339,28 @@ class ImageEncoderViT(nnx.Module):
     self.neck_conv2 = nnx.Conv(out, out, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                                dtype=dtype, rngs=rngs)
     self.neck_ln2 = LayerNorm(out, 1e-6)
+    self.scan_blocks = scan_blocks
+
+  def _scan_period(self) -> int:
+    """The scanned group's length, or 0 to run the blocks unrolled."""
+    blocks = list(self.blocks)
+    period = block_period([b.window_size for b in blocks])
+    if not self.scan_blocks or len(blocks) // period < 2:
+      return 0
+    defs = [nnx.graphdef(b) for b in blocks]
+    same = all(defs[i] == defs[i % period] for i in range(len(blocks)))
+    return period if same else 0
 
   def __call__(self, x: Array) -> Array:
     """(B, S, S, 3) normalised, padded image -> (B, S/16, S/16, 256) float32."""
     x = self.patch_embed(x)
     x = x + self.pos_embed[...].astype(x.dtype)
-    for blk in self.blocks:
-      x = blk(x)
+    period = self._scan_period()
+    if period:
+      x = run_blocks_scanned(list(self.blocks), x, period)
+    else:
+      for blk in self.blocks:
+        x = blk(x)
     x = self.neck_ln1(self.neck_conv1(x))
     x = self.neck_ln2(self.neck_conv2(x))
     return x.astype(jnp.float32)
