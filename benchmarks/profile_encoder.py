@@ -1,0 +1,129 @@
+"""Where the SAM ViT encoder's CPU time goes: its parts jitted alone at the real shapes.
+
+  python benchmarks/profile_encoder.py [--model vit_b] [--repeats 3]
+
+Times (min of --repeats, wall and process CPU) each part of one windowed and
+one global block at a 1024 input, batch 1, float32, with its FLOPs and
+GFLOP/s, beside a 2048^3 float32 matmul measured in the same run, and the
+whole encoder once.  Parts jitted alone lose the fusion with their
+neighbours, so they add up to a little more than a block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aopsam_jax.sam.config import SAM_CONFIGS
+from aopsam_jax.sam.modeling import (EncoderBlock, ImageEncoderViT, window_partition,
+                                     window_unpartition)
+from aopsam_jax.sam.norm import gelu
+
+
+def timed(fn, *args, repeats: int = 3):
+  """(min wall s, min CPU s) of jitted fn(*args) after one compile call."""
+  f = jax.jit(fn)
+  jax.block_until_ready(f(*args))
+  best_w = best_c = float("inf")
+  for _ in range(repeats):
+    c0, t0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(f(*args))
+    best_w = min(best_w, time.perf_counter() - t0)
+    best_c = min(best_c, time.process_time() - c0)
+  return best_w, best_c
+
+
+def perturbed(module: nnx.Module, seed: int = 0) -> nnx.Module:
+  """Non-zero biases / rel-pos tables (zero-initialised ones would hide work)."""
+  state = nnx.state(module, nnx.Param)
+  leaves, tdef = jax.tree.flatten(state)
+  key = jax.random.key(seed)
+  leaves = [x + 0.02 * jax.random.normal(jax.random.fold_in(key, i), x.shape)
+            for i, x in enumerate(leaves)]
+  nnx.update(module, jax.tree.unflatten(tdef, leaves))
+  return module
+
+
+def _round_trip(x: jax.Array, ws: int, hw) -> jax.Array:
+  windows, pad_hw = window_partition(x, ws)
+  return window_unpartition(windows, ws, pad_hw, hw)
+
+
+def block_parts(blk: EncoderBlock, x: jax.Array, side: int, n: int):
+  """(name, fn, args, flops) for the parts of one block on input x (B, 64, 64, C)."""
+  d = x.shape[-1]
+  hid = blk.mlp.lin1.out_features
+  t = x.shape[0] * x.shape[1] * x.shape[2]
+  ws = blk.window_size
+  xa = window_partition(x, ws)[0] if ws else x
+  ta = xa.shape[0] * xa.shape[1] * xa.shape[2]
+  h = jnp.ones((x.shape[0], x.shape[1], x.shape[2], hid), x.dtype) * 0.3
+  a = blk.attn
+  parts = [
+      ("norm1 (LayerNorm)", lambda x: blk.norm1(x), (x,), 0),
+      ("qkv matmul", lambda x: a.qkv(x), (xa,), 2 * ta * d * 3 * d),
+      ("attention (qkv..proj)", lambda x: a(x), (xa,),
+       2 * ta * d * 4 * d + 4 * ta * n * d + 4 * ta * side * d),
+      ("proj matmul", lambda x: a.proj(x), (xa,), 2 * ta * d * d),
+      ("mlp lin1", lambda x: blk.mlp.lin1(x), (x,), 2 * t * d * hid),
+      ("exact GELU", gelu, (h,), 0),
+      ("mlp lin2", lambda h: blk.mlp.lin2(h), (h,), 2 * t * d * hid),
+      ("mlp (lin1+GELU+lin2)", lambda x: blk.mlp(x), (x,), 4 * t * d * hid),
+      ("whole block", lambda x: blk(x), (x,),
+       2 * ta * d * 4 * d + 4 * ta * n * d + 4 * ta * side * d + 4 * t * d * hid),
+  ]
+  if ws:
+    hw = x.shape[1:3]
+    parts.insert(1, ("window partition+unpartition",
+                     lambda x: _round_trip(x, ws, hw), (x,), 0))
+  return parts
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--model", default="vit_b")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--no-encoder", action="store_true", help="skip the whole-encoder timing")
+  a = ap.parse_args(argv)
+  cfg = SAM_CONFIGS[a.model]
+  g, d = cfg.embed_size, cfg.encoder_embed_dim
+  rngs = nnx.Rngs(0)
+  x = jax.random.normal(jax.random.key(1), (1, g, g, d), jnp.float32)
+  m = jax.random.normal(jax.random.key(2), (2048, 2048), jnp.float32)
+  rows = []
+  w, c = timed(lambda m: m @ m, m, repeats=a.repeats)
+  rows.append(("float32 matmul 2048^3", w, c, 2 * 2048**3))
+  ws = cfg.window_size
+  for kind, win in (("window", ws), ("global", 0)):
+    blk = perturbed(EncoderBlock(d, cfg.encoder_num_heads, cfg.mlp_ratio, win, (g, g), rngs))
+    side, n = (win, win * win) if win else (g, g * g)
+    for name, fn, args, flops in block_parts(blk, x, side, n):
+      w, c = timed(fn, *args, repeats=a.repeats)
+      rows.append((f"{kind}: {name}", w, c, flops))
+      print(f"{rows[-1][0]:40s} {w * 1e3:9.1f} ms wall {c * 1e3:9.1f} ms cpu", flush=True)
+  if not a.no_encoder:
+    from benchmarks.device_check import encoder_flops
+    enc = perturbed(ImageEncoderViT(cfg, rngs))
+    img = jax.random.normal(jax.random.key(3), (1, cfg.img_size, cfg.img_size, 3))
+    w, c = timed(lambda i: enc(i), img, repeats=1)
+    rows.append((f"whole encoder {a.model}", w, c, encoder_flops(cfg)))
+  peak = rows[0][3] / rows[0][1]
+  load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+  print(f"\n{os.cpu_count()} CPUs, load average {load}, jax {jax.__version__}\n")
+  print("| part | wall ms | CPU ms | GFLOP | GFLOP/s | share of matmul rate |")
+  print("|---|---|---|---|---|---|")
+  for name, w, c, flops in rows:
+    rate = flops / w / 1e9 if flops else 0
+    share = f"{flops / w / peak:.0%}" if flops else "-"
+    gf = f"{flops / 1e9:.1f}" if flops else "-"
+    print(f"| {name} | {w * 1e3:.1f} | {c * 1e3:.1f} | {gf} | {rate:.0f} | {share} |")
+
+
+if __name__ == "__main__":
+  main()
