@@ -125,13 +125,16 @@ class EncoderAttention(nnx.Module):
 
   `impl` picks how the attention itself is computed (same function, same
   parameters; parity-tested):
-    * "chunked" (default): head-major q/k/v (B*nh, N, hd); the two small
-      rel-pos einsums ((B*nh, N, H) and (B*nh, N, W)) are broadcast-added to
-      the logits.  For global attention (N = 4096 at 1024 input) the logits
-      would be 12 x 4096 x 4096 floats (800 MB); instead queries are processed
-      in chunks of `query_chunk` rows inside a `lax.map`, so each chunk's
-      logits, softmax and probabilities stay cache resident (exact: softmax
-      is per query row).  Best on CPU.
+    * "chunked" (default on CPU): head-major q/k/v (B*nh, N, hd); the two
+      small rel-pos einsums ((B*nh, N, H) and (B*nh, N, W)) are
+      broadcast-added to the logits.  The logits are never materialised
+      whole (global attention at 1024 input: 12 x 4096 x 4096 floats,
+      800 MB): a `lax.map` walks blocks of heads x query rows of about
+      `logits_block` logits (2 MB), so each block's logits, softmax and
+      probabilities stay in cache (exact: softmax is per query row).
+      Measured on a 2-core AMD EPYC (ViT-B): one head x 128 queries per
+      step takes 26 % less time than all 12 heads x 64 queries, and 12 (window,
+      head) pairs per step 2.5x less than all 300 at once.
     * "xla" / "cudnn": `jax.nn.dot_product_attention` with the rel-pos term
       materialised as an additive (B, nh, N, N) bias, so XLA (or cuDNN's fused
       flash attention, bfloat16/float16 only) sees one attention op.  Meant
@@ -143,7 +146,7 @@ class EncoderAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, input_size: Tuple[int, int], rngs: nnx.Rngs,
-               dtype=None, query_chunk: int = 64, impl: str = "auto"):
+               dtype=None, logits_block: int = 1 << 19, impl: str = "auto"):
     self.num_heads = num_heads
     head_dim = dim // num_heads
     self.scale = head_dim**-0.5
@@ -151,7 +154,7 @@ class EncoderAttention(nnx.Module):
     self.proj = _linear(dim, dim, rngs, dtype)
     self.rel_pos_h = nnx.Param(jnp.zeros((2 * input_size[0] - 1, head_dim), jnp.float32))
     self.rel_pos_w = nnx.Param(jnp.zeros((2 * input_size[1] - 1, head_dim), jnp.float32))
-    self.query_chunk = query_chunk
+    self.logits_block = logits_block
     self.impl = check_attention_impl(impl)
     self.token_tile = None  # see resolve_token_tile
 
@@ -235,22 +238,42 @@ class EncoderAttention(nnx.Module):
     q = q * jnp.asarray(self.scale, q.dtype)
 
     def attend(args):
-      qc, rhc, rwc = args  # (Z, Q, hd), (Z, Q, H), (Z, Q, W)
-      nq = qc.shape[1]
-      logits = jnp.einsum("zqd,zkd->zqk", qc, k).reshape(-1, nq, h, w)
-      logits = logits + rhc[..., :, None] + rwc[..., None, :]
+      qb, kb, vb, rhb, rwb = args  # (G, Q, hd), (G, N, hd) x 2, (G, Q, H), (G, Q, W)
+      nq = qb.shape[1]
+      logits = jnp.einsum("zqd,zkd->zqk", qb, kb).reshape(-1, nq, h, w)
+      logits = logits + rhb[..., :, None] + rwb[..., None, :]
       logits = logits.reshape(-1, nq, n).astype(jnp.float32)
       e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-      out = jnp.einsum("zqk,zkd->zqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-      return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
+      out = jnp.einsum("zqk,zkd->zqd", e.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+      return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(vb.dtype)
 
-    chunk = self.query_chunk
-    if chunk and n > chunk and n % chunk == 0:
-      nc = n // chunk
-      split = lambda a: a.reshape(a.shape[0], nc, chunk, a.shape[-1]).swapaxes(0, 1)
-      out = jax.lax.map(attend, (split(q), split(rel_h), split(rel_w)))  # (nc, Z, Q, hd)
-      return out.swapaxes(0, 1).reshape(z, n, hd)
-    return attend((q, rel_h, rel_w))
+    zg, qc = attention_blocks(z, n, self.logits_block)
+
+    def heads(args):  # zg heads, all queries
+      qg, kg, vg, rhg, rwg = args
+      if qc == n:
+        return attend((qg, kg, vg, rhg, rwg))
+      split = lambda a: a.reshape(zg, n // qc, qc, a.shape[-1]).swapaxes(0, 1)
+      out = jax.lax.map(lambda a: attend((a[0], kg, vg, a[1], a[2])),
+                        (split(qg), split(rhg), split(rwg)))  # (n/qc, zg, qc, hd)
+      return out.swapaxes(0, 1).reshape(zg, n, hd)
+
+    args = (q, k, v, rel_h, rel_w)
+    if zg == z:
+      return heads(args)
+    out = jax.lax.map(heads, tuple(a.reshape(z // zg, zg, *a.shape[1:]) for a in args))
+    return out.reshape(z, n, hd)
+
+
+def attention_blocks(z: int, n: int, block: int) -> Tuple[int, int]:
+  """(heads, queries) per step for Z heads of N queries x N keys: about
+  `block` logits at most, whole heads when one head's N x N fits, else
+  the largest divisor of N that fits (at least 1 query row; all N rows when
+  N has no divisor that fits, which only odd input sizes give)."""
+  if n * n <= block:
+    return max(d for d in range(1, z + 1) if z % d == 0 and d * n * n <= block), n
+  fits = [d for d in range(1, n) if n % d == 0 and d * n <= block]
+  return 1, (max(fits) if fits else n)
 
 
 def resolve_attention(impl: str) -> str:
