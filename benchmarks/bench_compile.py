@@ -1,12 +1,20 @@
 """Cold compile vs the persistent compilation cache, for the programs the CLIs run.
 
   python benchmarks/bench_compile.py [--model vit_b] [--programs aop,amg_s,predict1]
+  python benchmarks/bench_compile.py --compare REV [--repeats 2] [--programs ...]
 
 Each program is run in a fresh child process three times: (1) cache off,
 (2) cache on, empty directory (the cold first run of a user), (3) cache on,
 same directory (every later run).  A child times the first call (compile +
 run) and a second call (run only); first - second is the compile (or cache
 load) time.  Writes benchmarks/results/compile_<backend>.md.
+
+`--compare REV`: cold compile only (cache off), of the library at git
+revision REV (extracted with `git archive`), of this checkout, and of this
+checkout with the ViT blocks under `lax.scan` (`scan_blocks`), children
+interleaved; compile time in wall and process-CPU seconds (CPU seconds are
+robust to other processes on a shared machine).  Writes
+benchmarks/results/compile_compare_<backend>.md.
 """
 
 from __future__ import annotations
@@ -14,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -36,6 +46,9 @@ def child(program: str, model: str) -> dict:
   rng = np.random.default_rng(0)
   image = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
   sam = build_model(get_sam_config(model))
+  if os.environ.get("AOPSAM_BENCH_SCAN_BLOCKS") == "1":
+    from aopsam_jax.sam.modeling import set_scan_blocks
+    set_scan_blocks(sam, True)
   if program == "aop":
     from aopsam_jax.aop import pipeline
     from aopsam_jax.aop.prompt_predictor import PromptPredictor, PromptPredictorConfig
@@ -56,20 +69,26 @@ def child(program: str, model: str) -> dict:
     def call():
       pred.set_image(image)
       return pred.predict(np.array([[320, 240]]), np.array([1]))
-  times = []
+  times, cpu = [], []
   for _ in range(2):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     jax.block_until_ready(call())
     times.append(time.perf_counter() - t0)
-  return {"first_s": times[0], "run_s": times[1]}
+    cpu.append(time.process_time() - c0)
+  import aopsam_jax
+  return {"first_s": times[0], "run_s": times[1], "first_cpu_s": cpu[0], "run_cpu_s": cpu[1],
+          "library": os.path.dirname(aopsam_jax.__file__)}
 
 
-def run_child(program: str, model: str, cache) -> dict:
-  env = dict(os.environ, AOPSAM_COMPILE_CACHE=cache or "off", PYTHONPATH=ROOT,
-             TF_CPP_MIN_LOG_LEVEL="3")
-  code = ("import json, sys; sys.path.insert(0, %r); from benchmarks import bench_compile as b; "
+def run_child(program: str, model: str, cache, src: str = ROOT, scan: bool = False) -> dict:
+  """One fresh process running `child` against the library under `src`."""
+  env = dict(os.environ, AOPSAM_COMPILE_CACHE=cache or "off", PYTHONPATH=src,
+             TF_CPP_MIN_LOG_LEVEL="3", AOPSAM_BENCH_SCAN_BLOCKS="1" if scan else "0")
+  code = ("import json, sys, importlib.util; sys.path.insert(0, %r); "
+          "spec = importlib.util.spec_from_file_location('bench_compile_child', %r); "
+          "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
           "from aopsam_jax import compile_cache; compile_cache.setup(); "
-          "print(json.dumps(b.child(%r, %r)))" % (ROOT, program, model))
+          "print(json.dumps(b.child(%r, %r)))" % (src, os.path.abspath(__file__), program, model))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=ROOT)
   if out.returncode != 0:
@@ -77,13 +96,70 @@ def run_child(program: str, model: str, cache) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def extract(rev: str, into: str) -> str:
+  """The aopsam_jax package at git revision `rev`, unpacked under `into`."""
+  tar = os.path.join(into, "src.tar")
+  out = subprocess.run(["git", "archive", "-o", tar, rev, "aopsam_jax"], cwd=ROOT,
+                       capture_output=True, text=True)
+  if out.returncode != 0:
+    raise SystemExit(f"--compare {rev}: {out.stderr.strip()}")
+  with tarfile.open(tar) as t:
+    t.extractall(into, filter="data")
+  return into
+
+
+def compare(a) -> str:
+  """Cold compile (cache off) at revision a.compare vs this checkout (+ scan)."""
+  import jax
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    old = extract(a.compare, tmp)
+    variants = [(f"{a.compare}", old, False), ("this checkout", ROOT, False),
+                ("this checkout, scan_blocks", ROOT, True)]
+    for prog in a.programs.split(","):
+      res = {name: [] for name, _, _ in variants}
+      for r in range(a.repeats):
+        for name, src, scan in (variants if r % 2 == 0 else variants[::-1]):
+          res[name].append(run_child(prog, a.model, None, src, scan))
+          print(prog, name, json.dumps(res[name][-1]), flush=True)
+      rows.append((prog, res))
+  load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+  lines = [f"# Cold compile: {a.compare} vs this checkout ({jax.default_backend()}, {a.model})", "",
+           f"Generated by `python benchmarks/bench_compile.py {' '.join(sys.argv[1:])}`. "
+           f"{os.cpu_count()} CPUs, load average {load} at the end.  Persistent cache off; "
+           f"every cell a fresh process, {a.repeats} per variant interleaved; compile = first "
+           "call - second call, median (min-max).  Random weights; a 640x480 image.", "",
+           "| program | variant | compile, wall s | compile, CPU s | steady call, wall s |",
+           "|---|---|---|---|---|"]
+  fmt = lambda xs: (f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+                    if len(xs) > 1 else f"{xs[0]:.1f}")
+  for prog, res in rows:
+    for name, rs in res.items():
+      wall = [max(r["first_s"] - r["run_s"], 0) for r in rs]
+      cpu = [max(r["first_cpu_s"] - r["run_cpu_s"], 0) for r in rs]
+      lines.append(f"| {PROGRAMS[prog]} | {name} | {fmt(wall)} | {fmt(cpu)} | "
+                   f"{min(r['run_s'] for r in rs):.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", default="vit_b")
   ap.add_argument("--programs", default="aop,amg_s,predict1")
+  ap.add_argument("--compare", default=None, metavar="REV",
+                  help="cold compile of git revision REV vs this checkout (and + scan_blocks)")
+  ap.add_argument("--repeats", type=int, default=1, help="--compare: processes per variant")
   ap.add_argument("--out", default=None)
   a = ap.parse_args(argv)
   import jax
+  if a.compare:
+    text = compare(a)
+    out = a.out or os.path.join(ROOT, "benchmarks", "results",
+                                f"compile_compare_{jax.default_backend()}.md")
+    with open(out, "w") as f:
+      f.write(text)
+    print(text)
+    return
   rows = []
   for prog in a.programs.split(","):
     with tempfile.TemporaryDirectory() as cache:
