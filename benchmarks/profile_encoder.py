@@ -4,9 +4,10 @@
 
 Times (min of --repeats, wall and process CPU) each part of one windowed and
 one global block at a 1024 input, batch 1, float32, with its FLOPs and
-GFLOP/s, beside a 2048^3 float32 matmul measured in the same run, and the
-whole encoder once.  Parts jitted alone lose the fusion with their
-neighbours, so they add up to a little more than a block.
+GFLOP per CPU second (robust to other processes on a shared machine) beside
+a 2048^3 float32 matmul measured in the same run, and the whole encoder
+once.  Parts jitted alone lose the fusion with their neighbours, so they add
+up to a little more than a block.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aopsam_jax.sam.config import SAM_CONFIGS
-from aopsam_jax.sam.modeling import (EncoderBlock, ImageEncoderViT, window_partition,
-                                     window_unpartition)
+from aopsam_jax.sam.modeling import (EncoderBlock, ImageEncoderViT, resolve_token_tile,
+                                     token_map)
 from aopsam_jax.sam.norm import gelu
 
 
@@ -49,39 +50,35 @@ def perturbed(module: nnx.Module, seed: int = 0) -> nnx.Module:
   return module
 
 
-def _round_trip(x: jax.Array, ws: int, hw) -> jax.Array:
-  windows, pad_hw = window_partition(x, ws)
-  return window_unpartition(windows, ws, pad_hw, hw)
-
-
-def block_parts(blk: EncoderBlock, x: jax.Array, side: int, n: int):
-  """(name, fn, args, flops) for the parts of one block on input x (B, 64, 64, C)."""
-  d = x.shape[-1]
+def block_parts(blk: EncoderBlock, x: jax.Array):
+  """(name, fn, args, flops) for the parts of one block on x (B, H, W, C), as
+  the block computes them (token slices, windows on the padded grid)."""
+  b, gh, gw, d = x.shape
+  t = b * gh * gw
   hid = blk.mlp.lin1.out_features
-  t = x.shape[0] * x.shape[1] * x.shape[2]
   ws = blk.window_size
-  xa = window_partition(x, ws)[0] if ws else x
-  ta = xa.shape[0] * xa.shape[1] * xa.shape[2]
-  h = jnp.ones((x.shape[0], x.shape[1], x.shape[2], hid), x.dtype) * 0.3
   a = blk.attn
-  parts = [
+  nh = a.num_heads
+  side = ws or gh
+  n = side * side
+  z = b * nh * (-(-gh // ws)) * (-(-gw // ws)) if ws else b * nh
+  ta = z // nh * n  # attention tokens (padded grid for windows)
+  qkv = [jax.random.normal(jax.random.key(i), (z, n, d // nh)) for i in range(3)]
+  tile = resolve_token_tile(a.token_tile)
+  attention = (lambda x: a.windowed(x, ws)) if ws else a
+  core = 4 * ta * n * d + 4 * ta * side * d
+  return [
       ("norm1 (LayerNorm)", lambda x: blk.norm1(x), (x,), 0),
-      ("qkv matmul", lambda x: a.qkv(x), (xa,), 2 * ta * d * 3 * d),
-      ("attention (qkv..proj)", lambda x: a(x), (xa,),
-       2 * ta * d * 4 * d + 4 * ta * n * d + 4 * ta * side * d),
-      ("proj matmul", lambda x: a.proj(x), (xa,), 2 * ta * d * d),
-      ("mlp lin1", lambda x: blk.mlp.lin1(x), (x,), 2 * t * d * hid),
-      ("exact GELU", gelu, (h,), 0),
-      ("mlp lin2", lambda h: blk.mlp.lin2(h), (h,), 2 * t * d * hid),
-      ("mlp (lin1+GELU+lin2)", lambda x: blk.mlp(x), (x,), 4 * t * d * hid),
-      ("whole block", lambda x: blk(x), (x,),
-       2 * ta * d * 4 * d + 4 * ta * n * d + 4 * ta * side * d + 4 * t * d * hid),
+      ("qkv matmul", lambda x: a._tokenwise(a.qkv, x), (x,), 2 * t * d * 3 * d),
+      ("attention core (q k^T, rel-pos, softmax, p v)",
+       lambda q, k, v: a._attend(q, k, v, side, side), qkv, core),
+      ("proj matmul", lambda x: a._tokenwise(a.proj, x), (x,), 2 * t * d * d),
+      ("attention (qkv .. proj)", attention, (x,), 2 * t * d * 4 * d + core),
+      ("exact GELU (B, H, W, 4C)", gelu, (jnp.full((b, gh, gw, hid), 0.3),), 0),
+      ("norm2 + MLP + residual", lambda x: token_map(lambda u: u + blk.mlp(blk.norm2(u)), x, tile),
+       (x,), 4 * t * d * hid),
+      ("whole block", blk, (x,), 2 * t * d * 4 * d + core + 4 * t * d * hid),
   ]
-  if ws:
-    hw = x.shape[1:3]
-    parts.insert(1, ("window partition+unpartition",
-                     lambda x: _round_trip(x, ws, hw), (x,), 0))
-  return parts
 
 
 def main(argv=None) -> None:
@@ -101,8 +98,7 @@ def main(argv=None) -> None:
   ws = cfg.window_size
   for kind, win in (("window", ws), ("global", 0)):
     blk = perturbed(EncoderBlock(d, cfg.encoder_num_heads, cfg.mlp_ratio, win, (g, g), rngs))
-    side, n = (win, win * win) if win else (g, g * g)
-    for name, fn, args, flops in block_parts(blk, x, side, n):
+    for name, fn, args, flops in block_parts(blk, x):
       w, c = timed(fn, *args, repeats=a.repeats)
       rows.append((f"{kind}: {name}", w, c, flops))
       print(f"{rows[-1][0]:40s} {w * 1e3:9.1f} ms wall {c * 1e3:9.1f} ms cpu", flush=True)
@@ -112,16 +108,16 @@ def main(argv=None) -> None:
     img = jax.random.normal(jax.random.key(3), (1, cfg.img_size, cfg.img_size, 3))
     w, c = timed(lambda i: enc(i), img, repeats=1)
     rows.append((f"whole encoder {a.model}", w, c, encoder_flops(cfg)))
-  peak = rows[0][3] / rows[0][1]
+  peak = rows[0][3] / rows[0][2]
   load = "/".join(f"{v:.1f}" for v in os.getloadavg())
   print(f"\n{os.cpu_count()} CPUs, load average {load}, jax {jax.__version__}\n")
-  print("| part | wall ms | CPU ms | GFLOP | GFLOP/s | share of matmul rate |")
+  print("| part | wall ms | CPU ms | GFLOP | GFLOP per CPU s | share of the matmul's |")
   print("|---|---|---|---|---|---|")
   for name, w, c, flops in rows:
-    rate = flops / w / 1e9 if flops else 0
-    share = f"{flops / w / peak:.0%}" if flops else "-"
+    rate = f"{flops / c / 1e9:.0f}" if flops else "-"
+    share = f"{flops / c / peak:.0%}" if flops else "-"
     gf = f"{flops / 1e9:.1f}" if flops else "-"
-    print(f"| {name} | {w * 1e3:.1f} | {c * 1e3:.1f} | {gf} | {rate:.0f} | {share} |")
+    print(f"| {name} | {w * 1e3:.1f} | {c * 1e3:.1f} | {gf} | {rate} | {share} |")
 
 
 if __name__ == "__main__":
