@@ -17,6 +17,11 @@ Details that matter for numerical parity (all read from the reference code):
     indexed by the absolute offset (|dy|, |dx|) inside the window.
   * The neck's LayerNorm2d uses eps 1e-6; GELU is the exact erf form.
   * The last patch merging keeps the resolution (stride 1), the others halve it.
+
+Speed on CPU (BENCHMARKS.md §8.1): the large-map layers run in row stripes
+(`row_stripes`, a lax.map) so that their wide intermediates stay in cache,
+each step of a stripe is its own buffer (`own`), attention runs one row of
+windows at a time.  What is computed is unchanged (up to float rounding order).
 """
 
 from __future__ import annotations
@@ -207,8 +212,7 @@ class MBConv(nnx.Module):
     p = self.conv2.pad
     y = own(gelu(self.conv1(xs)))
     y = own(zero_outside(y, row0, h))  # the depthwise conv pads with zeros
-    y = own(jnp.pad(y, ((0, 0), (0, 0), (p, p), (0, 0))))
-    y = own(gelu(own(self.conv2(y, pad=((0, 0), (0, 0))))))
+    y = own(gelu(own(self.conv2(y, pad=((0, 0), (p, p))))))
     return gelu(self.conv3(y) + xs[:, p:xs.shape[1] - p])
 
 
@@ -232,8 +236,7 @@ class PatchMerging(nnx.Module):
     p = self.conv2.pad
     y = own(gelu(self.conv1(xs)))
     y = own(zero_outside(y, row0, h))
-    y = own(jnp.pad(y, ((0, 0), (0, 0), (p, p), (0, 0))))
-    return self.conv3(own(gelu(own(self.conv2(y, pad=((0, 0), (0, 0)))))))
+    return self.conv3(own(gelu(own(self.conv2(y, pad=((0, 0), (p, p)))))))
 
 
 @functools.lru_cache(maxsize=None)
