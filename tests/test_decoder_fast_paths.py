@@ -124,3 +124,17 @@ def test_prompt_chunk_setting_is_checked():
   with pytest.raises(ValueError, match="prompt_chunk"):
     modeling.resolve_prompt_chunk(0)
   assert modeling.resolve_prompt_chunk(None) is None
+
+
+def test_padding_prompts_are_skipped():
+  """num_valid: real prompts decode as before; chunks of padding only are zeros."""
+  sam = build_model(get_sam_config("vit_tiny_test"), seed=5)
+  emb = jax.random.normal(jax.random.PRNGKey(7), (1, 64, 64, 256))
+  pts = jnp.asarray(np.random.RandomState(1).uniform(0, 1000, (8, 2)), jnp.float32)
+  coords, labels = single_point_prompts(pts)
+  sam.mask_decoder.prompt_chunk = 2
+  ref = jax.jit(lambda e, c, l: sam.decode(e, c, l))(emb, coords, labels)
+  got = jax.jit(lambda e, c, l, n: sam.decode(e, c, l, num_valid=n))(emb, coords, labels,
+                                                                     np.int32(5))
+  assert _rel(got[0][:5], ref[0][:5]) < 1e-6 and _rel(got[1][:5], ref[1][:5]) < 1e-6
+  assert np.all(np.asarray(got[0][6:]) == 0) and np.all(np.asarray(got[1][6:]) == 0)

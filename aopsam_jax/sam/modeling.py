@@ -767,14 +767,22 @@ def resolve_prompt_chunk(chunk) -> Optional[int]:
   return chunk
 
 
-def map_chunks(fn, xs, chunk: int):
+def map_chunks(fn, xs, chunk: int, num_valid=None):
   """`fn` over the leading axis of `xs` (a pytree), `chunk` rows per call
-  (`lax.map`, the last chunk padded with repeats of the last row)."""
+  (`lax.map`, the last chunk padded with repeats of the last row).  With
+  `num_valid` (traced), chunks holding only rows >= num_valid are skipped
+  and give zeros: padding a batch up to a size bucket then costs nothing."""
   n = jax.tree.leaves(xs)[0].shape[0]
   steps = -(-n // chunk)
   idx = jnp.minimum(jnp.arange(steps * chunk), n - 1)
   xs = jax.tree.map(lambda x: x[idx].reshape((steps, chunk) + x.shape[1:]), xs)
-  ys = jax.lax.map(fn, xs)
+  if num_valid is None:
+    ys = jax.lax.map(fn, xs)
+  else:
+    out = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
+    skip = lambda _: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out)  # noqa: E731
+    ys = jax.lax.map(lambda a: jax.lax.cond(a[0] * chunk < num_valid, lambda v: fn(v[1]), skip, a),
+                     (jnp.arange(steps), xs))
   return jax.tree.map(lambda y: y.reshape((steps * chunk,) + y.shape[2:])[:n], ys)
 
 
@@ -797,13 +805,15 @@ class MaskDecoder(nnx.Module):
     self.prompt_chunk = "auto"
 
   def predict_masks(self, image_embeddings: Array, image_pe: Array, sparse: Array,
-                    dense: Array) -> Tuple[Array, Array]:
+                    dense: Array, num_valid: Optional[Array] = None) -> Tuple[Array, Array]:
     """All mask tokens: (B, 4, 4h, 4w) logits and (B, 4) IoU predictions.
 
     One image embedding per prompt is the official repeat_interleave; here a
     single embedding with a prompt-independent dense term stays batch 1, its
     first-block projections are computed once, and the prompts run
     `prompt_chunk` at a time (`lax.map`, see `resolve_prompt_chunk`).
+    `num_valid` (optional, traced): prompts past it are padding; in chunks
+    they are not decoded (their outputs are zeros).
     """
     b = sparse.shape[0]
     out_tokens = jnp.concatenate([self.iou_token[...], self.mask_tokens[...]], axis=0)
@@ -821,8 +831,10 @@ class MaskDecoder(nnx.Module):
     if chunk is None or b <= chunk:
       return self._predict_chunk(src, pos, tokens, proj)
     if shared:
-      return map_chunks(lambda t: self._predict_chunk(src, pos, t, proj), tokens, chunk)
-    return map_chunks(lambda a: self._predict_chunk(a[0], pos, a[1], None), (src, tokens), chunk)
+      return map_chunks(lambda t: self._predict_chunk(src, pos, t, proj), tokens, chunk,
+                        num_valid)
+    return map_chunks(lambda a: self._predict_chunk(a[0], pos, a[1], None), (src, tokens), chunk,
+                      num_valid)
 
   def _predict_chunk(self, src: Array, pos: Array, tokens: Array, proj) -> Tuple[Array, Array]:
     """`predict_masks` for one batch of prompt tokens (B, T, C) on src (1 or B, h, w, C)."""
@@ -854,8 +866,9 @@ class MaskDecoder(nnx.Module):
     masks = jnp.einsum("bmc,bhwijklc->bmhikwjl", hyper_in.astype(up.dtype), up)
     return masks.reshape(b, hyper_in.shape[1], 4 * h, 4 * w)
 
-  def __call__(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool):
-    masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense)
+  def __call__(self, image_embeddings, image_pe, sparse, dense, multimask_output: bool,
+               num_valid: Optional[Array] = None):
+    masks, iou = self.predict_masks(image_embeddings, image_pe, sparse, dense, num_valid)
     sl = slice(1, None) if multimask_output else slice(0, 1)
     return masks[:, sl], iou[:, sl]
 
@@ -886,12 +899,14 @@ class Sam(nnx.Module):
     return self.image_encoder(pixels)
 
   def decode(self, image_embeddings: Array, coords: Array, labels: Array,
-             mask_input: Optional[Array] = None, multimask_output: bool = True
-             ) -> Tuple[Array, Array]:
+             mask_input: Optional[Array] = None, multimask_output: bool = True,
+             num_valid: Optional[Array] = None) -> Tuple[Array, Array]:
     """Prompts on one image embedding (or one per prompt) -> low-res logits, IoU.
 
     image_embeddings: (1 or B, h, w, 256); coords (B, N, 2) in the padded
-    input frame; labels (B, N); mask_input (B, 4h, 4w) logits or None.
+    input frame; labels (B, N); mask_input (B, 4h, 4w) logits or None;
+    num_valid: the first num_valid prompts are real, the rest padding that
+    need not be decoded (their outputs are then zeros).
     """
     pe = self.prompt_encoder
     sparse = pe.embed_sparse(coords, labels)
@@ -900,7 +915,7 @@ class Sam(nnx.Module):
     else:
       dense = pe.embed_mask(mask_input)
     return self.mask_decoder(image_embeddings, pe.get_dense_pe(), sparse, dense,
-                             multimask_output)
+                             multimask_output, num_valid)
 
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from aopsam_jax.sam.image_io import load_image
-from aopsam_jax.sam.modeling import Sam, attention_impl
+from aopsam_jax.sam.modeling import Sam, attention_impl, map_chunks, resolve_prompt_chunk
 from aopsam_jax.sam.prompts import build_sparse_prompts
 from aopsam_jax.sam.transforms import apply_boxes, apply_coords, postprocess_masks, prepare_image
 from aopsam_jax.sam.transforms import preprocess
@@ -62,16 +62,17 @@ def _embed(graphdef, state, padded, input_hw):
   return model.encode_image(preprocess(padded, input_hw))
 
 
-def _decode_impl(model, embeddings, image_index, coords, labels, mask_input, multimask_output):
+def _decode_impl(model, embeddings, image_index, coords, labels, mask_input, multimask_output,
+                 num_valid=None):
   emb = jax.lax.dynamic_index_in_dim(embeddings, image_index, 0, keepdims=True)
-  return model.decode(emb, coords, labels, mask_input, multimask_output)
+  return model.decode(emb, coords, labels, mask_input, multimask_output, num_valid)
 
 
 def _decode(graphdef, state, embeddings, image_index, coords, labels, mask_input,
-            multimask_output=True):
+            multimask_output=True, num_valid=None):
   TRACE_COUNTS["decode"] += 1
   return _decode_impl(nnx.merge(graphdef, state), embeddings, image_index, coords, labels,
-                      mask_input, multimask_output)
+                      mask_input, multimask_output, num_valid)
 
 
 def _postprocess(low_res, input_hw, original_hw, out_hw, img_size=1024):
@@ -80,16 +81,20 @@ def _postprocess(low_res, input_hw, original_hw, out_hw, img_size=1024):
 
 def _predict(graphdef, state, embeddings, image_index, input_hw, original_hw, coords, labels,
              mask_input, multimask_output=True, out_hw=(1024, 1024), return_logits=False,
-             mask_threshold=0.0):
+             mask_threshold=0.0, num_valid=None):
   TRACE_COUNTS["predict"] += 1
   model = nnx.merge(graphdef, state)
   low, iou = _decode_impl(model, embeddings, image_index, coords, labels, mask_input,
-                          multimask_output)
+                          multimask_output, num_valid)
   ihw = jax.lax.dynamic_index_in_dim(input_hw, image_index, 0, keepdims=False)
   ohw = jax.lax.dynamic_index_in_dim(original_hw, image_index, 0, keepdims=False)
-  masks = postprocess_masks(low, ihw, ohw, out_hw, model.config.img_size)
-  if not return_logits:
-    masks = masks > mask_threshold
+
+  def post(lo):
+    m = postprocess_masks(lo, ihw, ohw, out_hw, model.config.img_size)
+    return m if return_logits else m > mask_threshold
+  # in the decoder's prompt chunks, so that padding prompts are skipped here too
+  chunk = resolve_prompt_chunk(model.mask_decoder.prompt_chunk)
+  masks = post(low) if chunk is None else map_chunks(post, low, chunk, num_valid)
   return masks, iou, low
 
 
@@ -97,8 +102,8 @@ embed_fn = jax.jit(_embed, static_argnums=(0,))
 embed_fn.__doc__ = """(graphdef, state, padded (N,S,S,3) uint8, input_hw (N,2)) -> (N,h,w,256) f32."""
 decode_fn = jax.jit(_decode, static_argnums=(0,), static_argnames=("multimask_output",))
 decode_fn.__doc__ = """(graphdef, state, embeddings (N,h,w,256), image_index, coords (B,T,2) in the
-input frame, labels (B,T), mask_input (B,4h,4w) | None, multimask_output) ->
-(low-res logits (B,M,4h,4w), iou (B,M))."""
+input frame, labels (B,T), mask_input (B,4h,4w) | None, multimask_output, num_valid = None |
+traced count of real prompts, the rest padding) -> (low-res logits (B,M,4h,4w), iou (B,M))."""
 postprocess_fn = jax.jit(_postprocess, static_argnames=("out_hw", "img_size"))
 predict_fn = jax.jit(_predict, static_argnums=(0,),
                      static_argnames=("multimask_output", "out_hw", "return_logits"))
@@ -402,7 +407,8 @@ class SamPredictor:
       res = predict_fn(self.graphdef, self.state, self.features, np.int32(image_index),
                        self._input_hw_dev, self._original_hw_dev, c, l, m,
                        multimask_output=bool(multimask_output), out_hw=out_hw,
-                       return_logits=bool(return_logits), mask_threshold=self.mask_threshold)
+                       return_logits=bool(return_logits), mask_threshold=self.mask_threshold,
+                       num_valid=np.int32(k))
       mk, io, lo = jax.device_get(res)
       masks.append(mk[:k, :, :ohw[0], :ohw[1]])
       ious.append(io[:k])
