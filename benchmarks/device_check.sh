@@ -15,10 +15,21 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SITE=${AOPSAM_SITE:-/tmp/aopsam_site}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" .whl/*.whl || { echo "device_check: installing .whl/*.whl failed" >&2; exit 1; }
-fi
+# One wheel at a time: a wheel built for the GPU machine's Python (e.g. cp312) does not install
+# elsewhere (a --smoke run here), which is fine when that package is importable already.
+for whl in .whl/*.whl; do
+  [ -e "$whl" ] || continue
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$whl" 2>/dev/null; then
+    mod=$(basename "$whl" | cut -d- -f1)
+    if "$PY" -c "import $mod" 2>/dev/null; then
+      echo "device_check: $whl does not fit this Python; using the installed $mod" >&2
+    else
+      echo "device_check: installing $whl failed" >&2
+      exit 1
+    fi
+  fi
+done
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "from flax import nnx; nnx.List" 2>/dev/null; then
   echo "device_check: this flax lacks nnx.List; using the carried .whl/optional/flax wheel"
