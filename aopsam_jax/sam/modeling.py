@@ -36,7 +36,8 @@ def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype, use_bias: bool = True) -
 
 
 class UpConv2x2(nnx.Module):
-  """ConvTranspose2d(kernel=2, stride=2): every input pixel writes its own 2x2 block."""
+  """ConvTranspose2d(kernel=2, stride=2): every input pixel writes its own 2x2
+  block; the decoder keeps the blocks un-interleaved (`subpixel`)."""
 
   def __init__(self, din: int, dout: int, rngs: nnx.Rngs, dtype=None):
     init = nnx.initializers.lecun_normal()
@@ -54,11 +55,6 @@ class UpConv2x2(nnx.Module):
     y = x.reshape(-1, din) @ k.transpose(2, 0, 1, 3).reshape(din, 4 * dout)
     y = y.reshape(x.shape[:-1] + (2, 2, dout))
     return y + self.bias[...].astype(y.dtype)
-
-  def __call__(self, x: Array) -> Array:
-    b, h, w, _ = x.shape
-    y = self.subpixel(x)  # (b, h, w, 2, 2, o)
-    return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, y.shape[-1])
 
 
 # ----------------------------------------------------------------------------
@@ -611,7 +607,7 @@ class DecoderAttention(nnx.Module):
     if kv is None and k_img.shape[0] == 1 and b > 1:
       kv = self.project(self.k_proj, k_img), self.project(self.v_proj, v_img)
     if kv is None and not self._folds(nt):
-      return self(q_tok, *(jnp.broadcast_to(x, (b,) + x.shape[1:]) for x in (k_img, v_img)))
+      return self(q_tok, k_img, v_img)
     q = self._heads(self.q_proj, q_tok)
     q = q / jnp.asarray(math.sqrt(q.shape[-1]), q.dtype)
     if kv is not None:
@@ -621,8 +617,7 @@ class DecoderAttention(nnx.Module):
     else:  # fold the image's k / v projections into the tokens
       wk, bk = self._weights(self.k_proj, split_in=False)
       wv, bv = self._weights(self.v_proj, split_in=False)
-      k_img, v_img = (jnp.broadcast_to(x, (b,) + x.shape[1:]).astype(wk.dtype)
-                      for x in (k_img, v_img))
+      k_img, v_img = k_img.astype(wk.dtype), v_img.astype(wk.dtype)
       attn = (jnp.einsum("bkc,btnc->bntk", k_img, jnp.einsum("btnd,cnd->btnc", q, wk))
               + jnp.einsum("btnd,nd->bnt", q, bk)[..., None])
       attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(wv.dtype)
@@ -639,7 +634,7 @@ class DecoderAttention(nnx.Module):
     if q is None and q_img.shape[0] == 1 and b > 1:
       q = self.project(self.q_proj, q_img)
     if q is None and not self._folds(nt):
-      return self(jnp.broadcast_to(q_img, (b,) + q_img.shape[1:]), k_tok, v_tok)
+      return self(q_img, k_tok, v_tok)
     k, v = self._heads(self.k_proj, k_tok), self._heads(self.v_proj, v_tok)
     k = k / jnp.asarray(math.sqrt(k.shape[-1]), k.dtype)
     if q is not None:

@@ -40,8 +40,9 @@ from flax import nnx
 from aopsam_jax.sam.image_io import load_image
 from aopsam_jax.sam.modeling import Sam, attention_impl, map_chunks, resolve_prompt_chunk
 from aopsam_jax.sam.prompts import build_sparse_prompts
-from aopsam_jax.sam.transforms import apply_boxes, apply_coords, postprocess_masks, prepare_image
-from aopsam_jax.sam.transforms import preprocess
+from aopsam_jax.sam.transforms import (apply_boxes, apply_coords, postprocess_masks,
+                                       postprocess_matrices, prepare_image, preprocess,
+                                       resize_masks)
 
 DEFAULT_PROMPT_BUCKETS = (1, 4, 16, 64)
 OUT_ALIGN = 64
@@ -89,8 +90,10 @@ def _predict(graphdef, state, embeddings, image_index, input_hw, original_hw, co
   ihw = jax.lax.dynamic_index_in_dim(input_hw, image_index, 0, keepdims=False)
   ohw = jax.lax.dynamic_index_in_dim(original_hw, image_index, 0, keepdims=False)
 
+  ry, rx = postprocess_matrices(low.shape[-1], model.config.img_size, ihw, ohw, out_hw)
+
   def post(lo):
-    m = postprocess_masks(lo, ihw, ohw, out_hw, model.config.img_size)
+    m = resize_masks(lo, ry, rx)
     return m if return_logits else m > mask_threshold
   # in the decoder's prompt chunks, so that padding prompts are skipped here too
   chunk = resolve_prompt_chunk(model.mask_decoder.prompt_chunk)

@@ -135,12 +135,19 @@ def postprocess_masks(low_res_logits: jax.Array, input_hw, original_hw,
   Equivalent to the official `Sam.postprocess_masks` (upsample to S x S,
   crop to `input_hw`, resize to `original_hw`).  `out_hw` is the static
   output buffer; for out_hw == original_hw this is exactly the official output,
-  otherwise the region past `original_hw` is 0.  The columns are resized by
+  otherwise the region past `original_hw` is 0.
+  """
+  low = low_res_logits.shape[-1]
+  return resize_masks(low_res_logits,
+                      *postprocess_matrices(low, img_size, input_hw, original_hw, out_hw))
+
+
+def resize_masks(low_res_logits: jax.Array, ry: jax.Array, rx: jax.Array) -> jax.Array:
+  """`postprocess_masks` with its `postprocess_matrices` computed once by the
+  caller (e.g. outside a loop over mask chunks).  The columns are resized by
   one matmul; each output row mixes at most four low-res rows (bilinear of
   bilinear), which are gathered rather than multiplied by a mostly-zero matrix.
   """
-  low = low_res_logits.shape[-1]
-  ry, rx = postprocess_matrices(low, img_size, input_hw, original_hw, out_hw)
   cols = jnp.einsum("...lm,wm->...lw", low_res_logits.astype(jnp.float32), rx,
                     precision=jax.lax.Precision.HIGHEST)
   weights, rows = jax.lax.top_k(ry, 4)  # weights are >= 0: the top four hold every non-zero
