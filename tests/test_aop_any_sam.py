@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.reference import build_torch_sam, save_official_pth
+from tests.subprocess_helpers import BLOCK_TORCH
 
 import torch  # noqa: E402,F401  (after tests.reference installed the torchvision stand-in)
 
@@ -107,13 +108,7 @@ def test_zero_masks_are_explained(tiny_pth, tmp_path, capsys):
   assert n_prompts >= 1 and n_cand == 3 * n_prompts and sum(removed) == n_cand
 
 
-NO_TORCH_CHILD = r"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in ("torch", "torchvision", "segment_anything", "transformers"):
-      raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, Block())
+NO_TORCH_CHILD = BLOCK_TORCH + r"""
 try:
   import torch  # noqa: F401
   raise SystemExit("torch importable")

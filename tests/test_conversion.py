@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.reference import build_torch_sam, save_official_pth, state_dict_numpy
+from tests.subprocess_helpers import BLOCK_TORCH
 
 import torch  # noqa: E402  (after tests.reference installed the torchvision stand-in)
 
@@ -354,14 +355,7 @@ def test_cli_subprocess(tiny, tmp_path):
   assert "Traceback" not in r.stderr and str(bad) in r.stderr
 
 
-NO_TORCH_CHILD = r"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-  # Behave as if torch (and what needs it) were not installed.
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in ("torch", "torchvision", "segment_anything", "transformers"):
-      raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, Block())
+NO_TORCH_CHILD = BLOCK_TORCH + r"""
 import json
 import numpy as np
 from aopsam_jax.sam.params import load_sam

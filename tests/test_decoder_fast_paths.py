@@ -2,10 +2,10 @@
 
 `DecoderAttention.tokens_to_image` / `image_to_tokens` fold the image-side
 projections into the prompt tokens or compute them once for a shared image;
-`MaskDecoder` decodes prompts in chunks.  Each is checked against the plain
-official formula (`DecoderAttention.__call__`, itself parity-tested against
-segment-anything in test_parity.py) on every branch, and the whole decoder
-against the same decoder with the fast paths off.
+`MaskDecoder` decodes prompts in chunks and skips padding.  The attention
+branches and the two-way transformer are checked against the official
+segment-anything modules (same weights); chunking and padding against the
+unchunked decoder, which test_parity.py checks against segment-anything.
 """
 
 import jax
@@ -14,10 +14,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aopsam_jax.sam import modeling
-from aopsam_jax.sam.config import get_sam_config
-from aopsam_jax.sam.params import build_model
-from aopsam_jax.sam.prompts import single_point_prompts
+from tests.reference import build_torch_sam, state_dict_numpy
+
+import torch  # noqa: E402  (after tests.reference installed the torchvision stand-in)
+from segment_anything.modeling.transformer import Attention  # noqa: E402
+
+from aopsam_jax.sam import modeling  # noqa: E402
+from aopsam_jax.sam.config import get_sam_config  # noqa: E402
+from aopsam_jax.sam.params import build_model, convert_state_dict  # noqa: E402
+from aopsam_jax.sam.prompts import single_point_prompts  # noqa: E402
 
 
 def _rel(a, b):
@@ -25,77 +30,76 @@ def _rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def _attention(seed=0):
-  attn = modeling.DecoderAttention(64, 4, 2, nnx.Rngs(seed))
-  for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):  # non-zero biases
-    lin.bias[...] = jax.random.normal(jax.random.PRNGKey(seed + 7), lin.bias.shape)
-  return attn
+def _attention_pair(seed=0):
+  """The official `Attention(64, 4, downsample_rate=2)` with random weights and
+  biases, and ours holding the same weights."""
+  torch.manual_seed(seed)
+  ref = Attention(64, 4, downsample_rate=2).eval()
+  ours = modeling.DecoderAttention(64, 4, 2, nnx.Rngs(seed))
+  for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+    lt, lj = getattr(ref, name), getattr(ours, name)
+    with torch.no_grad():
+      lt.bias.normal_()
+    lj.kernel[...] = jnp.asarray(lt.weight.detach().numpy().T)
+    lj.bias[...] = jnp.asarray(lt.bias.detach().numpy())
+  return ref, ours
+
+
+def _official(ref, q, k, v):
+  b = max(q.shape[0], k.shape[0])
+  t = [torch.from_numpy(np.broadcast_to(np.asarray(x), (b,) + x.shape[1:]).copy())
+       for x in (q, k, v)]
+  with torch.no_grad():
+    return ref(*t).numpy()
 
 
 @pytest.mark.parametrize("n_tokens", [3, 12])  # 4 heads x 3 < 32 folds; 4 x 12 does not
 @pytest.mark.parametrize("image_batch", [1, 5])
 def test_tokens_to_image_equals_official(n_tokens, image_batch):
-  attn = _attention()
+  ref, attn = _attention_pair()
   key = jax.random.split(jax.random.PRNGKey(1), 3)
   q = jax.random.normal(key[0], (5, n_tokens, 64))
   k = jax.random.normal(key[1], (image_batch, 300, 64)) * 2
   v = jax.random.normal(key[2], (image_batch, 300, 64))
-  ref = attn(q, jnp.broadcast_to(k, (5, 300, 64)), jnp.broadcast_to(v, (5, 300, 64)))
-  assert _rel(attn.tokens_to_image(q, k, v), ref) < 1e-5
+  want = _official(ref, q, k, v)
+  assert _rel(attn.tokens_to_image(q, k, v), want) < 1e-5
   if image_batch == 1:
     kv = attn.project(attn.k_proj, k), attn.project(attn.v_proj, v)
-    assert _rel(attn.tokens_to_image(q, k, v, kv), ref) < 1e-5
+    assert _rel(attn.tokens_to_image(q, k, v, kv), want) < 1e-5
   # one prompt: the fold path
-  assert _rel(attn.tokens_to_image(q[:1], k[:1], v[:1]), attn(q[:1], k[:1], v[:1])) < 1e-5
+  assert _rel(attn.tokens_to_image(q[:1], k[:1], v[:1]), _official(ref, q[:1], k[:1], v[:1])) < 1e-5
 
 
 @pytest.mark.parametrize("n_tokens", [3, 12])
 @pytest.mark.parametrize("image_batch", [1, 5])
 def test_image_to_tokens_equals_official(n_tokens, image_batch):
-  attn = _attention(1)
+  ref, attn = _attention_pair(1)
   key = jax.random.split(jax.random.PRNGKey(2), 3)
   q = jax.random.normal(key[0], (image_batch, 300, 64)) * 2
   k = jax.random.normal(key[1], (5, n_tokens, 64))
   v = jax.random.normal(key[2], (5, n_tokens, 64))
-  ref = attn(jnp.broadcast_to(q, (5, 300, 64)), k, v)
+  want = _official(ref, q, k, v)
   got = attn.image_to_tokens(q, k, v)
-  assert got.shape == ref.shape and _rel(got, ref) < 1e-5
+  assert got.shape == want.shape and _rel(got, want) < 1e-5
   if image_batch == 1:
-    assert _rel(attn.image_to_tokens(q, k, v, attn.project(attn.q_proj, q)), ref) < 1e-5
-
-
-def _official_transformer(tr, image, pe, tokens):
-  """TwoWayTransformer with every attention through the official `__call__`."""
-  b = tokens.shape[0]
-  _, h, w, c = image.shape
-  keys = jnp.broadcast_to(image.reshape(-1, h * w, c), (b, h * w, c))
-  key_pe = pe.reshape(1, h * w, c)
-  queries = tokens
-  for layer in tr.layers:
-    if layer.skip_first_layer_pe:
-      queries = layer.self_attn(queries, queries, queries)
-    else:
-      qq = queries + tokens
-      queries = queries + layer.self_attn(qq, qq, queries)
-    queries = layer.norm1(queries)
-    queries = layer.norm2(queries + layer.cross_attn_token_to_image(
-        queries + tokens, keys + key_pe, keys))
-    queries = layer.norm3(queries + layer.mlp(queries))
-    keys = layer.norm4(keys + layer.cross_attn_image_to_token(
-        keys + key_pe, queries + tokens, queries))
-  queries = tr.norm_final_attn(queries + tr.final_attn_token_to_image(
-      queries + tokens, keys + key_pe, keys))
-  return queries, keys
+    assert _rel(attn.image_to_tokens(q, k, v, attn.project(attn.q_proj, q)), want) < 1e-5
 
 
 def test_transformer_equals_official():
-  sam = build_model(get_sam_config("vit_tiny_test"), seed=3)
+  """Several prompts on one image: the shared-image and folded paths of every
+  block against the official TwoWayTransformer (its repeated image)."""
+  cfg = get_sam_config("vit_tiny_test")
+  sam_t = build_torch_sam(cfg, seed=3)
+  sam = build_model(*convert_state_dict(state_dict_numpy(sam_t), cfg))
   tr, pe = sam.mask_decoder.transformer, sam.prompt_encoder
-  image = jax.random.normal(jax.random.PRNGKey(4), (1, 64, 64, 256))
-  tokens = jax.random.normal(jax.random.PRNGKey(5), (6, 7, 256))
-  ref_q, ref_k = _official_transformer(tr, image, pe.get_dense_pe(), tokens)
-  q, k = tr(image, pe.get_dense_pe()[None], tokens)
-  assert _rel(q, ref_q) < 1e-5 and _rel(k, ref_k) < 1e-5
+  image = np.random.RandomState(4).randn(1, 64, 64, 256).astype(np.float32)
+  tokens = np.random.RandomState(5).randn(6, 7, 256).astype(np.float32)
+  q, k = tr(jnp.asarray(image), pe.get_dense_pe()[None], jnp.asarray(tokens))
+  with torch.no_grad():
+    img_t = torch.from_numpy(np.repeat(image, 6, 0)).permute(0, 3, 1, 2)
+    ref_q, ref_k = sam_t.mask_decoder.transformer(img_t, sam_t.prompt_encoder.get_dense_pe(),
+                                                  torch.from_numpy(tokens))
+  assert _rel(q, ref_q.numpy()) < 1e-5 and _rel(k, ref_k.numpy()) < 1e-5
 
 
 def _decode(sam, chunk, emb, coords, labels, mask=None):

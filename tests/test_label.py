@@ -13,7 +13,6 @@ byte-identical results.json / images.json / errors.json.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from aopsam_jax.aop import bundle as bundle_lib
 from aopsam_jax.aop import pipeline
 from aopsam_jax.aop.prompt_predictor import PromptPredictorConfig
 from aopsam_jax.sam.image_io import load_image, sample_image_path
+from tests.subprocess_helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = pipeline.AsfConfig(k_coarse=6, k_fine=2, peak_kernel=7, pred_iou_thresh=0.0,
@@ -129,17 +129,9 @@ def test_eight_devices_same_results(setup, reference):
   assert _outputs(out) == _outputs(reference)
 
 
-def _free_port():
-  s = socket.socket()
-  s.bind(("localhost", 0))
-  port = s.getsockname()[1]
-  s.close()
-  return port
-
-
 def test_two_processes_same_results(setup, reference):
   out = setup / "proc2"
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(_cmd(setup, out, "--coordinator_address", f"localhost:{port}",
                                  "--num_processes", "2", "--process_id", str(i)),
                             env=_env(setup), cwd=REPO, stdout=subprocess.PIPE,

@@ -185,11 +185,11 @@ def _prepare_main(argv):
 
 
 def test_two_processes_prepare_in_parallel(tmp_path):
-  from tests.test_train import _free_port
+  from tests.subprocess_helpers import free_port
   root = _tiny_coco(str(tmp_path / "src"), 100)
   cfg = {"dir": str(tmp_path / "shared_rec"), "sources": {"tiny": {
       "format": "coco", "dir": root, "splits": {"train": ["ann/train.json", "img"]}}}}
-  port = _free_port()
+  port = free_port()
   procs = []
   for i in range(2):
     home = tmp_path / f"home{i}"

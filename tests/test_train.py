@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.subprocess_helpers import free_port
 from tests.test_data import make_synthetic_coco
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,14 +142,6 @@ def _subprocess_main(argv):
   train_and_evaluate(cfg, argv[1])
 
 
-def _free_port():
-  s = socket.socket()
-  s.bind(("localhost", 0))
-  port = s.getsockname()[1]
-  s.close()
-  return port
-
-
 @pytest.fixture(scope="module")
 def reference_run(synth):
   """Uninterrupted 1-device run of 8 steps (subprocess, like the others)."""
@@ -195,7 +187,7 @@ def test_eight_devices_same_curve(synth, reference_run):
 def test_two_processes_same_curve(synth, reference_run):
   root, tmp = synth
   w = os.path.join(tmp, "proc2")
-  port = _free_port()
+  port = free_port()
   procs = []
   for i in range(2):
     # records and embedding cache prepared anew by both processes (each its
