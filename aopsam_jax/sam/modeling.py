@@ -246,31 +246,30 @@ class EncoderAttention(nnx.Module):
     rel_h, rel_w = rel_h.reshape(z, n, h), rel_w.reshape(z, n, w)
     q = q * jnp.asarray(self.scale, q.dtype)
 
-    def attend(args):
-      qb, kb, vb, rhb, rwb = args  # (G, Q, hd), (G, N, hd) x 2, (G, Q, H), (G, Q, W)
-      nq = qb.shape[1]
-      logits = jnp.einsum("zqd,zkd->zqk", qb, kb).reshape(-1, nq, h, w)
+    def attend(qb, kb, vb, rhb, rwb):  # (..., Q, hd), (..., N, hd) x 2, (..., Q, H), (..., Q, W)
+      lead, nq = qb.shape[:-2], qb.shape[-2]
+      logits = jnp.einsum("...qd,...kd->...qk", qb, kb).reshape(*lead, nq, h, w)
       logits = logits + rhb[..., :, None] + rwb[..., None, :]
-      logits = logits.reshape(-1, nq, n).astype(jnp.float32)
+      logits = logits.reshape(*lead, nq, n).astype(jnp.float32)
       e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-      out = jnp.einsum("zqk,zkd->zqd", e.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+      out = jnp.einsum("...qk,...kd->...qd", e.astype(vb.dtype), vb,
+                       preferred_element_type=jnp.float32)
       return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(vb.dtype)
 
     zg, qc = attention_blocks(z, n, self.logits_block)
-
-    def heads(args):  # zg heads, all queries
-      qg, kg, vg, rhg, rwg = args
-      if qc == n:
-        return attend((qg, kg, vg, rhg, rwg))
-      split = lambda a: a.reshape(zg, n // qc, qc, a.shape[-1]).swapaxes(0, 1)
-      out = jax.lax.map(lambda a: attend((a[0], kg, vg, a[1], a[2])),
-                        (split(qg), split(rhg), split(rwg)))  # (n/qc, zg, qc, hd)
-      return out.swapaxes(0, 1).reshape(zg, n, hd)
-
     args = (q, k, v, rel_h, rel_w)
+    if qc < n:  # one head per step, in steps of qc queries: plain 2-D matmuls
+      def head(a):
+        qz, kz, vz, rhz, rwz = a
+        split = lambda t: t.reshape(n // qc, qc, t.shape[-1])
+        out = jax.lax.map(lambda b: attend(b[0], kz, vz, b[1], b[2]),
+                          (split(qz), split(rhz), split(rwz)))
+        return out.reshape(n, hd)
+
+      return jax.lax.map(head, args)
     if zg == z:
-      return heads(args)
-    out = jax.lax.map(heads, tuple(a.reshape(z // zg, zg, *a.shape[1:]) for a in args))
+      return attend(*args)
+    out = jax.lax.map(lambda a: attend(*a), tuple(t.reshape(z // zg, zg, *t.shape[1:]) for t in args))
     return out.reshape(z, n, hd)
 
 
