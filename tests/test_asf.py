@@ -106,6 +106,30 @@ def test_peak_in_uncovered_instance_found_in_fine_stage():
   assert sorted(st.tolist()) == [0, 1]
 
 
+def test_decoder_may_skip_slots_past_the_valid_ones():
+  """Valid slots come first, and ASF ignores the rest: a decoder that returns
+  a confident full-image mask (which would pass every filter) for every slot
+  from sum(valid) on changes nothing (what `pipeline` relies on to skip them)."""
+  lab = label_map([A, B])
+  hm = heatmap([(60, 60, 0.9), (175, 190, 0.6), (80, 100, 0.5)])
+  honest = fake_decoder(lab)
+
+  def skipping(points_in, valid):
+    logits, iou = honest(points_in, valid)
+    past = jnp.arange(valid.shape[0]) >= jnp.sum(valid.astype(jnp.int32))
+    return (jnp.where(past[:, None, None, None], 10.0, logits),
+            jnp.where(past[:, None], 0.99, iou))
+
+  a = run(hm, honest, k_coarse=6, k_fine=4)
+  b = run(hm, skipping, k_coarse=6, k_fine=4)
+  assert 0 < int(a["num_prompts"]) < 10 and int(a["valid"].sum()) == 2
+  for key in ("valid", "prompt_valid", "prompt_accepted", "num_kept", "num_filtered"):
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  ok = np.asarray(a["valid"])
+  np.testing.assert_array_equal(a["iou"][ok], b["iou"][ok])
+  np.testing.assert_array_equal(out_masks(a), out_masks(b))
+
+
 def test_fine_threshold_lower_than_coarse():
   lab = label_map([A, B])
   # B's peak (0.04) is below the coarse threshold (max(0.05, 0.1*0.9)) but

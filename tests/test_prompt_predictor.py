@@ -97,13 +97,17 @@ def _ref_peaks(h, k, kernel, threshold):
   return out
 
 
-@pytest.mark.parametrize("kernel,threshold,quant", [(3, None, None), (5, None, None),
-                                                    (3, 0.3, None), (3, None, 4)])
-def test_extract_peaks_matches_bruteforce(kernel, threshold, quant):
+@pytest.mark.parametrize("kernel,threshold,quant,special", [
+    (3, None, None, False), (5, None, None, False), (3, 0.3, None, False), (3, None, 4, False),
+    (11, None, None, False), (11, None, 4, True), (1, None, 4, True), (7, 0.2, 8, True)])
+def test_extract_peaks_matches_bruteforce(kernel, threshold, quant, special):
   rng = np.random.default_rng(kernel)
   h = rng.random((2, 12, 15)).astype(np.float32)
   if quant:  # many ties / plateaus
     h = np.round(h * quant) / quant
+  if special:  # NaN is never a peak nor beats one; -inf never a peak; +inf beats all
+    flat = h.reshape(-1)
+    flat[rng.choice(flat.size, 12, replace=False)] = [np.nan] * 4 + [-np.inf] * 4 + [np.inf] * 4
   k = 40
   coords, scores, valid = jax.jit(extract_peaks, static_argnums=(1, 2, 3))(h, k, kernel, threshold)
   ref = _ref_peaks(h, k, kernel, threshold)

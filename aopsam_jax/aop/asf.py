@@ -27,7 +27,9 @@ The decoder is a pluggable function ``decode_fn(points_in (K, 2), valid (K,))
 input frame (`img_size` pixels, e.g. 1024) and L the low-res mask size,
 which must equal the heatmap size (both are the 1/4 grid of the input:
 heatmap pixel (i, j) and low-res pixel (i, j) cover the same 4 x 4 input
-pixels).  Tests pass a fake decoder returning known masks.  A stage whose
+pixels).  The valid slots always come first (peaks by descending score), so
+a decoder may skip the slots from ``sum(valid)`` on; their outputs are
+ignored.  Tests pass a fake decoder returning known masks.  A stage whose
 slots are all invalid skips its decoder call (`lax.cond`).
 """
 

@@ -17,6 +17,26 @@ import jax
 import jax.numpy as jnp
 
 
+def _run_max(x: jax.Array, n: int, axis: int) -> jax.Array:
+  """Max over every n consecutive entries along `axis` (VALID: the axis
+  shrinks by n - 1), by doubling: runs of 1, 2, 4, ... then two
+  overlapping runs: ~log2(n) + 1 elementwise maxima that fuse into one
+  kernel (XLA:CPU's reduce_window took 12 ms for an 11 x 11 window on a
+  256 x 256 map, this 0.1 ms)."""
+  size = x.shape[axis] - n + 1
+  take = lambda a, start, length: jax.lax.slice_in_dim(a, start, start + length, axis=axis)
+  run, m = 1, x
+  while 2 * run <= n:
+    m = jnp.maximum(take(m, 0, m.shape[axis] - run), take(m, run, m.shape[axis] - run))
+    run *= 2
+  return jnp.maximum(take(m, 0, size), take(m, n - run, size))
+
+
+def _window_max(x: jax.Array, rows: int, cols: int) -> jax.Array:
+  """Max over every rows x cols window of x (B, H', W') (VALID)."""
+  return _run_max(_run_max(x, cols, 2), rows, 1)
+
+
 def local_maxima(heatmap: jax.Array, kernel: int = 3) -> jax.Array:
   """(B, H, W) -> bool (B, H, W): pixels that are the maximum of their
   kernel x kernel window (SAME padding with -inf).
@@ -24,25 +44,26 @@ def local_maxima(heatmap: jax.Array, kernel: int = 3) -> jax.Array:
   Ties are broken deterministically: among equal values the pixel with the
   smallest row-major index wins, so a plateau yields exactly one peak
   (per window-connected group).  NaN is never a peak.
+
+  A pixel is kept when no neighbour is greater and no EARLIER neighbour (a
+  smaller row-major index: the r rows above, and the r pixels to its left)
+  is equal: three window maxima (comparisons only, so exact) instead of
+  one comparison per neighbour, which for an 11 x 11 window unrolled into
+  a 2,600-op fusion that XLA:CPU compiled once per consumer (~0.1 s each).
   """
   if kernel % 2 != 1 or kernel < 1:
     raise ValueError(f"kernel must be odd and positive, got {kernel}")
-  b, h, w = heatmap.shape
+  _, h, w = heatmap.shape
   x = jnp.where(jnp.isnan(heatmap), -jnp.inf, heatmap.astype(jnp.float32))
+  keep = jnp.isfinite(x)
   r = kernel // 2
+  if r == 0:
+    return keep
   xp = jnp.pad(x, ((0, 0), (r, r), (r, r)), constant_values=-jnp.inf)
-  keep = ~jnp.isnan(heatmap)
-  for dy in range(-r, r + 1):
-    for dx in range(-r, r + 1):
-      if dy == 0 and dx == 0:
-        continue
-      nb = xp[:, r + dy:r + dy + h, r + dx:r + dx + w]
-      earlier = (dy < 0) or (dy == 0 and dx < 0)  # neighbour has a smaller index
-      beats = (nb > x) | ((nb == x) & earlier) if earlier else (nb > x)
-      # padding (-inf) never beats: pad only ties with an -inf pixel, and an
-      # all -inf pixel is excluded by `finite` below.
-      keep &= ~beats
-  return keep & jnp.isfinite(x)
+  window = _window_max(xp, kernel, kernel)              # includes the pixel itself
+  above = _window_max(xp[:, :h + r - 1], r, kernel)     # rows i-r .. i-1
+  left = _window_max(xp[:, r:r + h, :w + r - 1], 1, r)  # row i, columns j-r .. j-1
+  return keep & (window <= x) & (jnp.maximum(above, left) < x)
 
 
 def extract_peaks(heatmap: jax.Array, k: int, kernel: int = 3,

@@ -91,9 +91,11 @@ def _segment_one(model: AopSam, padded, input_hw, original_hw, cfg: AsfConfig):
   hm = hm[0]
 
   def decode_fn(points_in, valid):
-    del valid  # every slot is decoded in one batch; invalid ones are ignored by ASF
+    # ASF's valid slots come first; where prompts run in chunks (CPU), the
+    # chunks past them are skipped.  Invalid slots are ignored by ASF.
     coords, labels = single_point_prompts(points_in)
-    return sam.decode(emb, coords, labels, multimask_output=True)
+    return sam.decode(emb, coords, labels, multimask_output=True,
+                      num_valid=jnp.sum(valid.astype(jnp.int32)))
 
   out = asf.run(hm, input_hw, decode_fn, cfg)
   to_orig = geometry.input_to_original_scale(input_hw, original_hw)
