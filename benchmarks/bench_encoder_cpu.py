@@ -11,7 +11,9 @@ CPU seconds (min and median), GFLOP/s on the official algorithm's FLOP count
 (`device_check.encoder_flops`) and the share of the same-run matmul rate,
 both per wall second and per CPU second (the latter is robust to other
 processes taking cores).  `--scan` adds this checkout with the ViT blocks
-run through `lax.scan` (`ImageEncoderViT.scan_blocks`).
+run through `lax.scan` (`ImageEncoderViT.scan_blocks`).  `--parts` adds the
+attention (qkv .. proj) of one windowed and one global block, baseline vs
+this checkout, timed the same way.
 """
 
 from __future__ import annotations
@@ -66,18 +68,50 @@ def clock(fn, *args):
   return time.perf_counter() - t0, time.process_time() - c0
 
 
+def attention_parts(old_mod, cfg, repeats: int):
+  """Table rows: the attention (qkv .. proj) of one windowed and one global
+  block at `cfg`'s grid, baseline vs this checkout, same weights, timed
+  alternately in CPU seconds (min) beside a 2048^3 matmul's."""
+  g, d, nh, ws = cfg.embed_size, cfg.encoder_embed_dim, cfg.encoder_num_heads, cfg.window_size
+  x = jax.random.normal(jax.random.key(5), (1, g, g, d))
+  m = jax.random.normal(jax.random.key(4), (2048, 2048))
+  mm = jax.jit(lambda m: m @ m)
+  rows = []
+  for kind, size in (("windowed", (ws, ws)), ("global", (g, g))):
+    new = perturbed(modeling.EncoderAttention(d, nh, size, nnx.Rngs(0)))
+    old = old_mod.EncoderAttention(d, nh, size, nnx.Rngs(0))
+    nnx.update(old, nnx.state(new, nnx.Param))
+    call = (lambda a: jax.jit(lambda x: a.windowed(x, ws))) if kind == "windowed" else jax.jit
+    fns = {"baseline": call(old), "this checkout": call(new)}
+    err = float(jnp.linalg.norm(fns["this checkout"](x) - fns["baseline"](x))
+                / jnp.linalg.norm(fns["baseline"](x)))
+    cpu = {k: [] for k in fns}
+    mm_cpu = [clock(mm, m)[1] for _ in range(2)]
+    for r in range(repeats):
+      for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        cpu[k].append(clock(fns[k], x)[1])
+        mm_cpu.append(clock(mm, m)[1])
+    rows.append(f"| {kind} attention (qkv .. proj) | {min(cpu['baseline']) * 1e3:.1f} | "
+                f"{min(cpu['this checkout']) * 1e3:.1f} | {min(mm_cpu) * 1e3:.1f} | {err:.1e} |")
+  return ["", "| part (CPU ms, min) | baseline | this checkout | 2048^3 matmul | rel. L2 |",
+          "|---|---|---|---|---|"] + rows
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--baseline", required=True, help="git revision to compare against")
   ap.add_argument("--model", default="vit_b")
   ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
   ap.add_argument("--scan", action="store_true", help="also time this checkout with scan_blocks")
+  ap.add_argument("--parts", action="store_true",
+                  help="also time one windowed and one global attention, baseline vs this checkout")
   ap.add_argument("--out", default=None, help="markdown output path")
   a = ap.parse_args(argv)
   cfg = SAM_CONFIGS[a.model]
   new = perturbed(modeling.ImageEncoderViT(cfg, nnx.Rngs(0)))
   modeling.set_scan_blocks(new, False)
-  old = module_at(a.baseline).ImageEncoderViT(cfg, nnx.Rngs(0))
+  old_mod = module_at(a.baseline)
+  old = old_mod.ImageEncoderViT(cfg, nnx.Rngs(0))
   nnx.update(old, nnx.state(new, nnx.Param))
   variants = {f"baseline {a.baseline}": jitted(old), "this checkout": jitted(new)}
   if a.scan:
@@ -124,6 +158,8 @@ def main(argv=None) -> None:
         f"| {k} | {min(w):.2f} / {statistics.median(w):.2f} | {min(c):.2f} / "
         f"{statistics.median(c):.2f} | {flops / min(w) / 1e9:.0f} | {flops / min(w) / peak_w:.0%} | "
         f"{flops / min(c) / peak_c:.0%} | {errs[k]:.1e} |")
+  if a.parts:
+    lines += attention_parts(old_mod, cfg, a.repeats)
   text = "\n".join(lines) + "\n"
   if a.out:
     with open(a.out, "w") as f:
