@@ -126,9 +126,11 @@ class EncoderAttention(nnx.Module):
 
   `impl` picks how the attention itself is computed (same function, same
   parameters; parity-tested):
-    * "chunked" (default on CPU): head-major q/k/v (B*nh, N, hd); the two
-      small rel-pos einsums ((B*nh, N, H) and (B*nh, N, W)) are
-      broadcast-added to the logits.  The logits are never materialised
+    * "chunked" (default on CPU): global attention one (image, head) at a
+      time, windowed attention one row of windows at a time (`windowed`),
+      each as head-major q/k/v (Z, N, hd) sliced in cache; the two small
+      rel-pos terms ((Z, N, H) and (Z, N, W)) are broadcast-added to the
+      logits.  The logits are never materialised
       whole (global attention at 1024 input: 12 x 4096 x 4096 floats,
       800 MB): a `lax.map` walks blocks of heads x query rows of about
       `logits_block` logits (2 MB), so each block's logits, softmax and
@@ -142,8 +144,9 @@ class EncoderAttention(nnx.Module):
       for accelerators.
     * "auto" (the default of `Sam`): "chunked" on CPU, "xla" elsewhere,
       decided when the program is traced.  Measured on an H100 (vit_h, batch
-      1): float32 chunked 56.1 ms, xla 48.1 ms; bfloat16 chunked 42.8, xla
-      38.3, cudnn 31.5 ms (cudnn is opt-in: its bias is rounded to bfloat16).
+      1, before the per-head / row-of-windows loops): float32 chunked 56.1 ms,
+      xla 48.1 ms; bfloat16 chunked 42.8, xla 38.3, cudnn 31.5 ms (cudnn is
+      opt-in: its bias is rounded to bfloat16).
   """
 
   def __init__(self, dim: int, num_heads: int, input_size: Tuple[int, int], rngs: nnx.Rngs,
