@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aopsam_jax.sam.config import SAM_CONFIGS
-from aopsam_jax.sam.modeling import (EncoderBlock, ImageEncoderViT, resolve_token_tile,
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
+from aopsam_jax.sam.modeling import (EncoderBlock, ImageEncoderViT, resolve_token_tile,  # noqa: E402
                                      token_map)
-from aopsam_jax.sam.norm import gelu
+from aopsam_jax.sam.norm import gelu  # noqa: E402
 
 
 def timed(fn, *args, repeats: int = 3):
