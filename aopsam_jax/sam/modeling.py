@@ -138,11 +138,11 @@ class EncoderAttention(nnx.Module):
       12 x 4096 x 4096 floats, 800 MB): a `lax.map` walks blocks of heads x
       query rows of about `logits_block` logits (4 MB: one head x 256
       queries, or 20 window-heads), so each block's logits, softmax and
-      probabilities stay in cache (exact: softmax is per query row).  Measured on that machine
-      (ViT-B): one head x 128 queries per step took 26 % less time than all
-      12 heads x 64 queries, 256 queries 4 % less than 128 with two
-      threads, and 12 (window, head) pairs per step 2.5x less than all 300
-      at once.
+      probabilities stay in cache (exact: softmax is per query row).
+      Measured on that machine (ViT-B): one head x 128 queries per step
+      took 26 % less time than all 12 heads x 64 queries, 256 queries 4 %
+      less than 128 with two threads, and 12 (window, head) pairs per step
+      2.5x less than all 300 at once.
     * "xla" / "cudnn": `jax.nn.dot_product_attention` with the rel-pos term
       materialised as an additive (B, nh, N, N) bias, so XLA (or cuDNN's fused
       flash attention, bfloat16/float16 only) sees one attention op.  Meant
