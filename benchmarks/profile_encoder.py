@@ -74,7 +74,7 @@ def block_parts(blk: EncoderBlock, x: jax.Array):
       ("norm1 (LayerNorm)", lambda x: blk.norm1(x), (x,), 0),
       ("qkv matmul", lambda x: a._tokenwise(a.qkv, x), (x,), 2 * t * d * 3 * d),
       ("attention core (q k^T, rel-pos, softmax, p v)",
-       lambda q, k, v: a._attend(q, k, v, side, side), qkv, core),
+       lambda q, k, v: a._attend(q, k, v, *a.rel_tables(side, side, q.dtype)), qkv, core),
       ("proj matmul", lambda x: a._tokenwise(a.proj, x), (x,), 2 * t * d * d),
       ("attention (qkv .. proj)", attention, (x,), 2 * t * d * 4 * d + core),
       ("exact GELU (B, H, W, 4C)", gelu, (jnp.full((b, gh, gw, hid), 0.3),), 0),

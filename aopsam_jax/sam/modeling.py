@@ -178,8 +178,7 @@ class EncoderAttention(nnx.Module):
     hd = c // nh
     qkv = self.qkv(x).reshape(b, h * w, 3, nh, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, nh, hd)
-    rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)
-    rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)
+    rh, rw = self.rel_tables(h, w, q.dtype)
     q4 = q.reshape(b, h, w, nh, hd).transpose(0, 3, 1, 2, 4).reshape(b * nh, h, w, hd)
     rel_h, rel_w = rel_pos_terms(q4, rh, rw)
     bias = (rel_h.astype(jnp.float32)[..., :, None] + rel_w.astype(jnp.float32)[..., None, :])
@@ -191,6 +190,11 @@ class EncoderAttention(nnx.Module):
                                        implementation=impl)
     return self.proj(out.reshape(b, h, w, c))
 
+  def rel_tables(self, h: int, w: int, dtype) -> Tuple[Array, Array]:
+    """The rel-pos tables R_h (H, H, hd) and R_w (W, W, hd) of an h x w grid."""
+    return (get_rel_pos(h, h, self.rel_pos_h[...]).astype(dtype),
+            get_rel_pos(w, w, self.rel_pos_w[...]).astype(dtype))
+
   def _tokenwise(self, layer: nnx.Linear, x: Array) -> Array:
     return token_map(layer, x, resolve_token_tile(self.token_tile))
 
@@ -201,11 +205,12 @@ class EncoderAttention(nnx.Module):
     b, h, w, c = x.shape
     nh, hd, n = self.num_heads, c // self.num_heads, h * w
     qkv = self._tokenwise(self.qkv, x).reshape(b, n, 3, nh, hd)
+    rel = self.rel_tables(h, w, jnp.float32)  # once, not per head
 
     def head(i, out):
       bi, hi = i // nh, i % nh
       t = jax.lax.dynamic_slice(qkv, (bi, 0, 0, hi, 0), (1, n, 3, 1, hd)).reshape(n, 3, hd)
-      o = self._attend(t[None, :, 0], t[None, :, 1], t[None, :, 2], h, w)  # (1, N, hd)
+      o = self._attend(t[None, :, 0], t[None, :, 1], t[None, :, 2], *rel)  # (1, N, hd)
       return jax.lax.dynamic_update_slice(out, o.reshape(1, n, 1, hd), (bi, 0, hi, 0))
 
     out = jax.lax.fori_loop(0, b * nh, head, jnp.zeros((b, n, nh, hd), qkv.dtype))
@@ -230,11 +235,12 @@ class EncoderAttention(nnx.Module):
     b, h, w, c = x.shape
     hp = -(-h // window) * window
     rows = jnp.pad(x, ((0, 0), (0, hp - h), (0, 0), (0, 0)))
-    out = jax.lax.map(lambda r: self._window_row(r, window),
+    rel = self.rel_tables(window, window, jnp.float32)  # once, not per row
+    out = jax.lax.map(lambda r: self._window_row(r, window, rel),
                       rows.reshape(b * (hp // window), window, w, c))
     return out.reshape(b, hp, w, c)[:, :h]
 
-  def _window_row(self, x: Array, window: int) -> Array:
+  def _window_row(self, x: Array, window: int, rel: Tuple[Array, Array]) -> Array:
     """Attention of one row of windows x (window, W, C) -> (window, W, C).
 
     The padding columns (W..) are zero inputs in the official code, whose
@@ -252,18 +258,19 @@ class EncoderAttention(nnx.Module):
     nw = wp // window
     qkv = qkv.reshape(window, nw, window, 3, nh, hd)
     q, k, v = qkv.transpose(3, 1, 4, 0, 2, 5).reshape(3, nw * nh, window * window, hd)
-    out = self._attend(q, k, v, window, window)
+    out = self._attend(q, k, v, *rel)
     out = out.reshape(nw, nh, window, window, hd).transpose(2, 0, 3, 1, 4)
     return self.proj(out.reshape(window, wp, c)[:, :w])
 
-  def _attend(self, q: Array, k: Array, v: Array, h: int, w: int) -> Array:
-    """softmax(scale q k^T + rel-pos) v for head-major (Z, N = h*w, hd) q, k, v.
+  def _attend(self, q: Array, k: Array, v: Array, rh: Array, rw: Array) -> Array:
+    """softmax(scale q k^T + rel-pos) v for head-major (Z, N = h*w, hd) q, k, v
+    and the grid's `rel_tables` rh (h, h, hd), rw (w, w, hd).
 
     The softmax normalisation is applied to the (Q, hd) output rather than
     the (Q, N) probabilities: one pass over the logits fewer."""
     z, n, hd = q.shape
-    rh = get_rel_pos(h, h, self.rel_pos_h[...]).astype(q.dtype)  # (H, H, hd)
-    rw = get_rel_pos(w, w, self.rel_pos_w[...]).astype(q.dtype)  # (W, W, hd)
+    h, w = rh.shape[0], rw.shape[0]
+    rh, rw = rh.astype(q.dtype), rw.astype(q.dtype)
     rel_h, rel_w = rel_pos_terms(q.reshape(z, h, w, hd), rh, rw)
     rel_h, rel_w = rel_h.reshape(z, n, h), rel_w.reshape(z, n, w)
     q = q * jnp.asarray(self.scale, q.dtype)
