@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from aopsam_jax.sam import geometry, mask_ops
+from aopsam_jax.sam.modeling import run_if
 from aopsam_jax.aop import peaks
 
 Array = jax.Array
@@ -125,9 +126,7 @@ def _points_inside(masks: Array, pix: Array) -> Array:
 
 def _decode_stage(decode_fn: DecodeFn, pts_hm: Array, ok: Array, stride: float):
   pts_in = pts_hm * stride
-  shapes = jax.eval_shape(decode_fn, pts_in, ok)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  logits, iou = jax.lax.cond(jnp.any(ok), lambda: decode_fn(pts_in, ok), lambda: zeros)
+  logits, iou = run_if(jnp.any(ok), decode_fn, pts_in, ok)
   return logits.astype(jnp.float32), iou.astype(jnp.float32), pts_in
 
 

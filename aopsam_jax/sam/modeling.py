@@ -814,11 +814,16 @@ def map_chunks(fn, xs, chunk: int, num_valid=None):
   if num_valid is None:
     ys = jax.lax.map(fn, xs)
   else:
-    out = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
-    skip = lambda _: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out)  # noqa: E731
-    ys = jax.lax.map(lambda a: jax.lax.cond(a[0] * chunk < num_valid, lambda v: fn(v[1]), skip, a),
-                     (jnp.arange(steps), xs))
+    ys = jax.lax.map(lambda a: run_if(a[0] * chunk < num_valid, fn, a[1]), (jnp.arange(steps), xs))
   return jax.tree.map(lambda y: y.reshape((steps * chunk,) + y.shape[2:])[:n], ys)
+
+
+def run_if(pred, fn, *args):
+  """fn(*args) when the traced `pred` holds, else zeros of fn's output
+  shapes (`lax.cond`: the skipped branch does no work)."""
+  out = jax.eval_shape(fn, *args)
+  zeros = lambda *_: jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out)  # noqa: E731
+  return jax.lax.cond(pred, fn, zeros, *args)
 
 
 class MaskDecoder(nnx.Module):
