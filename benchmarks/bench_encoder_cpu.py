@@ -3,7 +3,7 @@
   python benchmarks/bench_encoder_cpu.py --baseline 21a90e4 [--model vit_b] [--repeats 3]
 
 Builds the image encoder of `aopsam_jax/sam/modeling.py` at `--baseline`
-(read with `git show`) and of this checkout with the same random weights
+(with its own norm.py, `benchmarks/baseline.py`) and of this checkout with the same random weights
 (perturbed, so biases and rel-pos tables matter), checks they agree, then
 times them alternately (A B B A ...) with a float32 2048^3 matmul between
 runs: on a shared machine both see the same load.  Reports wall and process
@@ -19,13 +19,10 @@ this checkout, timed the same way.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -38,22 +35,8 @@ sys.path.insert(0, ROOT)
 from aopsam_jax.sam import modeling  # noqa: E402
 from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
 from benchmarks.device_check import encoder_flops  # noqa: E402
+from benchmarks.baseline import module_at  # noqa: E402
 from benchmarks.profile_encoder import perturbed  # noqa: E402
-
-
-def module_at(rev: str):
-  """aopsam_jax/sam/modeling.py as it was at git revision `rev`, imported apart."""
-  src = subprocess.run(["git", "show", f"{rev}:aopsam_jax/sam/modeling.py"], cwd=ROOT,
-                       capture_output=True, text=True)
-  if src.returncode != 0:
-    raise SystemExit(f"--baseline {rev}: {src.stderr.strip()}")
-  path = os.path.join(tempfile.mkdtemp(), "modeling_baseline.py")
-  with open(path, "w") as f:
-    f.write(src.stdout)
-  spec = importlib.util.spec_from_file_location("modeling_baseline", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def jitted(encoder):
@@ -110,7 +93,7 @@ def main(argv=None) -> None:
   cfg = SAM_CONFIGS[a.model]
   new = perturbed(modeling.ImageEncoderViT(cfg, nnx.Rngs(0)))
   modeling.set_scan_blocks(new, False)
-  old_mod = module_at(a.baseline)
+  old_mod = module_at(a.baseline, "aopsam_jax/sam/modeling.py")
   old = old_mod.ImageEncoderViT(cfg, nnx.Rngs(0))
   nnx.update(old, nnx.state(new, nnx.Param))
   variants = {f"baseline {a.baseline}": jitted(old), "this checkout": jitted(new)}

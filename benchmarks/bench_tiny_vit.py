@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -74,27 +73,11 @@ def _jax_encoder(model_type: str):
   return _compiled(model.image_encoder, _input()) + (model,)
 
 
-def _git_module(rev: str, path: str, name: str, replace=()):
-  """The module at `path` as of git commit `rev`, imported under `name`."""
-  import types
-  src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{path}"], check=True,
-                       capture_output=True, text=True).stdout
-  for a, b in replace:
-    src = src.replace(a, b)
-  mod = types.ModuleType(name)
-  mod.__file__ = f"{rev}:{path}"
-  sys.modules[name] = mod
-  exec(compile(src, mod.__file__, "exec"), mod.__dict__)
-  return mod
-
-
 def _baseline_encoder(rev: str, model):
   """`rev`'s TinyViT code (tiny_vit.py with its norm.py) holding `model`'s encoder weights."""
   from flax import nnx
-  tag = "".join(ch for ch in rev if ch.isalnum())
-  norm = _git_module(rev, "aopsam_jax/sam/norm.py", f"_baseline_norm_{tag}")
-  tv = _git_module(rev, "aopsam_jax/sam/tiny_vit.py", f"_baseline_tiny_vit_{tag}",
-                   [("from aopsam_jax.sam.norm import", f"from {norm.__name__} import")])
+  from benchmarks.baseline import module_at
+  tv = module_at(rev, "aopsam_jax/sam/tiny_vit.py")
   enc = tv.TinyViT(model.config, nnx.Rngs(0))
   nnx.update(enc, nnx.state(model.image_encoder))
   return _compiled(enc, _input())
