@@ -25,11 +25,14 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.baseline import package_at  # noqa: E402
+
 PROGRAMS = {"aop": "AoP-SAM program (segment --mode aop)",
             "amg_s": "grid AMG_S program (segment --mode amg, 16x16)",
             "amg8": "grid AMG program, 8x8 grid (one decode chunk; the same program structure)",
@@ -96,24 +99,12 @@ def run_child(program: str, model: str, cache, src: str = ROOT, scan: bool = Fal
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def extract(rev: str, into: str) -> str:
-  """The aopsam_jax package at git revision `rev`, unpacked under `into`."""
-  tar = os.path.join(into, "src.tar")
-  out = subprocess.run(["git", "archive", "-o", tar, rev, "aopsam_jax"], cwd=ROOT,
-                       capture_output=True, text=True)
-  if out.returncode != 0:
-    raise SystemExit(f"--compare {rev}: {out.stderr.strip()}")
-  with tarfile.open(tar) as t:
-    t.extractall(into, filter="data")
-  return into
-
-
 def compare(a) -> str:
   """Cold compile (cache off) at revision a.compare vs this checkout (+ scan)."""
   import jax
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    old = extract(a.compare, tmp)
+    old = package_at(a.compare, tmp)
     variants = [(f"{a.compare}", old, False), ("this checkout", ROOT, False),
                 ("this checkout, scan_blocks", ROOT, True)]
     for prog in a.programs.split(","):

@@ -10,7 +10,7 @@ What is timed (CPU or whatever JAX backend is present), per prompt count N:
 The SAM is `vit_tiny_test`, whose prompt encoder and mask decoder have the
 released sizes (256 channels, 64 x 64 embedding, 256 x 256 low-res masks),
 so the decoder numbers are those of every SAM; its encoder is not timed.
-Each tree runs in its own child process (`git worktree` of the baseline in a
+Each tree runs in its own child process (the baseline's package unpacked in a
 temporary folder); rounds alternate the trees so that a shared machine's load
 hits both alike.  The children also save their outputs, and the table says
 how far the two trees' low-res logits are apart (relative L2).
@@ -30,6 +30,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.baseline import package_at  # noqa: E402
 
 
 def child(tree: str, prompts, repeats: int, out_npz: str) -> dict:
@@ -135,22 +138,16 @@ def main(argv=None) -> int:
     print(json.dumps(child(args.child, args.prompts, args.repeats, args.npz)))
     return 0
   with tempfile.TemporaryDirectory() as tmp:
-    base = os.path.join(tmp, "baseline")
-    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", base, args.baseline],
-                   check=True, capture_output=True)
-    try:
-      trees = {"this tree": ROOT, args.baseline: base}
-      npz = {t: os.path.join(tmp, f"{i}.npz") for i, t in enumerate(trees)}
-      runs = {t: [] for t in trees}
-      for r in range(args.rounds):
-        for name, tree in (trees.items() if r % 2 == 0 else reversed(trees.items())):
-          runs[name].append(_run_child(tree, args, npz[name]))
-          print(f"round {r + 1} {name}: " + ", ".join(
-              f"{k} {v['median']:.3f}s" for k, v in runs[name][-1].items()), flush=True)
-      text = _table(args, trees, runs, npz)
-    finally:
-      subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", base],
-                     capture_output=True)
+    base = package_at(args.baseline, os.path.join(tmp, "baseline"))
+    trees = {"this tree": ROOT, args.baseline: base}
+    npz = {t: os.path.join(tmp, f"{i}.npz") for i, t in enumerate(trees)}
+    runs = {t: [] for t in trees}
+    for r in range(args.rounds):
+      for name, tree in (trees.items() if r % 2 == 0 else reversed(trees.items())):
+        runs[name].append(_run_child(tree, args, npz[name]))
+        print(f"round {r + 1} {name}: " + ", ".join(
+            f"{k} {v['median']:.3f}s" for k, v in runs[name][-1].items()), flush=True)
+    text = _table(args, trees, runs, npz)
   print(text)
   import jax
   out = args.out or os.path.join(ROOT, "benchmarks", "results", f"decoder_{jax.default_backend()}.md")
