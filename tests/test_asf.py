@@ -56,9 +56,9 @@ def heatmap(peaks_rc_p, sigma=2.0):
   return jnp.asarray(np.log(prob / (1 - prob)), jnp.float32)
 
 
-def run(hm, dec, input_hw=FULL, **kw):
+def run(hm, dec, input_hw=FULL, stage_loop=False, **kw):
   cfg = asf.AsfConfig(**kw)
-  fn = jax.jit(lambda h, ihw: asf.run(h, ihw, dec, cfg))
+  fn = jax.jit(lambda h, ihw: asf.run(h, ihw, dec, cfg, stage_loop=stage_loop))
   return jax.device_get(fn(hm, jnp.asarray(input_hw)))
 
 
@@ -128,6 +128,26 @@ def test_decoder_may_skip_slots_past_the_valid_ones():
   ok = np.asarray(a["valid"])
   np.testing.assert_array_equal(a["iou"][ok], b["iou"][ok])
   np.testing.assert_array_equal(out_masks(a), out_masks(b))
+
+
+@pytest.mark.parametrize("k_coarse, k_fine", [(1, 3), (2, 1), (6, 4), (3, 3)])
+def test_stages_in_one_loop_give_the_same_outputs(k_coarse, k_fine):
+  """`stage_loop` (both stages as one scan over max(k_coarse, k_fine) slots)
+  against the two separate stages: every output equal, with fine-stage
+  prompts found (uncovered instance, peaks used and covered by the coarse
+  stage excluded) and slots left empty."""
+  lab = label_map([A, B, (3, 210, 240, 20, 60)])
+  hm = heatmap([(60, 60, 0.9), (80, 100, 0.5), (175, 190, 0.6), (225, 40, 0.3),
+                (120, 230, 0.2)])
+  a = run(hm, fake_decoder(lab), k_coarse=k_coarse, k_fine=k_fine)
+  b = run(hm, fake_decoder(lab), k_coarse=k_coarse, k_fine=k_fine, stage_loop=True)
+  assert set(a) == set(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  valid = np.asarray(a["prompt_valid"])
+  assert valid[k_coarse:].any() == (k_coarse < 5)  # 5 peaks: the fine stage gets the rest
+  assert valid.sum() < k_coarse + k_fine or k_coarse + k_fine <= 4  # empty slots
+  assert int(a["valid"].sum()) >= 2
 
 
 def test_fine_threshold_lower_than_coarse():

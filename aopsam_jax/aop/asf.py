@@ -36,6 +36,7 @@ slots are all invalid skips its decoder call (`lax.cond`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Dict, Tuple
 
 import jax
@@ -182,7 +183,7 @@ def filter_counts(p_ok: Array, iou: Array, stab: Array, cand_ok: Array, cand: Ar
 
 
 def run(heatmap_logits: Array, input_hw: Array, decode_fn: DecodeFn,
-        cfg: AsfConfig = AsfConfig()) -> Dict[str, Array]:
+        cfg: AsfConfig = AsfConfig(), stage_loop: bool = False) -> Dict[str, Array]:
   """ASF on one image.
 
   heatmap_logits (L, L) prompt-heatmap logits; input_hw (2,) int: size of
@@ -202,6 +203,13 @@ def run(heatmap_logits: Array, input_hw: Array, decode_fn: DecodeFn,
     each filter removed, in order: removed_iou, removed_stability,
     removed_redundant (prompt inside an accepted mask, or beyond
     masks_per_prompt), removed_nms.
+
+  `stage_loop`: run the two stages as two steps of one `lax.scan`, each with
+  max(k_coarse, k_fine) slots of which only the stage's own first k are
+  used, so the decoder, the filters and the peak selection are traced and
+  compiled once instead of twice (same outputs).  Only for a decoder that
+  skips the slots past ``sum(valid)``, as the chunked CPU decoder does; any
+  other decoder would decode all those slots in the fine stage too.
   """
   l = heatmap_logits.shape[-1]
   if heatmap_logits.shape != (l, l):
@@ -211,31 +219,59 @@ def run(heatmap_logits: Array, input_hw: Array, decode_fn: DecodeFn,
   region = geometry.low_res_valid_region(input_hw, l, cfg.img_size)
   prob, pmax = _prompt_heatmap(heatmap_logits, region)
   is_peak = peaks.local_maxima(prob[None], cfg.peak_kernel)[0] & region
-  stage = lambda candidates, k: _stage(candidates, prob, k, decode_fn, region, stride, cfg)
-
+  stage = functools.partial(_stage, is_peak=is_peak, prob=prob, decode_fn=decode_fn,
+                            region=region, stride=stride, cfg=cfg)
   t_coarse = jnp.maximum(cfg.abs_threshold, cfg.rel_threshold * pmax)
-  c = stage(is_peak & (prob > t_coarse), cfg.k_coarse)
-  if c["logits"].shape[-2:] != (l, l):
-    raise ValueError(f"decoder masks {c['logits'].shape[-2:]} must match the heatmap ({l}, {l})")
-  stages = [c]
-  if cfg.k_fine > 0:  # peaks not used yet, outside the accepted masks
-    covered = jnp.any(c["best_mask"] & c["accepted"][:, None, None], axis=0)
-    c_pix = jnp.clip(jnp.floor(c["pts"]).astype(jnp.int32), 0, l - 1)
-    used = jnp.zeros((l, l), bool).at[c_pix[:, 1], c_pix[:, 0]].max(c["ok"])
-    t_fine = jnp.maximum(cfg.fine_abs_threshold, cfg.fine_rel_threshold * pmax)
-    stages.append(stage(is_peak & (prob > t_fine) & ~covered & ~used, cfg.k_fine))
+  t_fine = jnp.maximum(cfg.fine_abs_threshold, cfg.fine_rel_threshold * pmax)
+  free = jnp.ones((l, l), bool)
+  if cfg.k_fine > 0 and stage_loop:
+    stages = _looped_stages(stage, free, t_coarse, t_fine, cfg)
+  else:
+    stages = [stage(free, t_coarse, cfg.k_coarse)]
+    if cfg.k_fine > 0:  # peaks not used yet, outside the accepted masks
+      stages.append(stage(~_claimed(stages[0]), t_fine, cfg.k_fine))
+  if stages[0]["logits"].shape[-2:] != (l, l):
+    raise ValueError(f"decoder masks {stages[0]['logits'].shape[-2:]} must match the heatmap "
+                     f"({l}, {l})")
   both = {k: jnp.concatenate([st[k] for st in stages], 0) for k in _STAGE_OUTPUTS}
   return dict(_select_masks(both, region, cfg), threshold=t_coarse)
+
+
+def _looped_stages(stage: Callable, free: Array, t_coarse: Array, t_fine: Array,
+                   cfg: AsfConfig) -> list:
+  """Both stages as two steps of one `lax.scan` over max(k_coarse, k_fine)
+  slots (see `run`'s `stage_loop`)."""
+  def step(free, t_n):
+    s = stage(free, t_n[0], max(cfg.k_coarse, cfg.k_fine), t_n[1])
+    return free & ~_claimed(s), s
+
+  limits = jnp.array([cfg.k_coarse, cfg.k_fine], jnp.int32)
+  _, s = jax.lax.scan(step, free, (jnp.stack([t_coarse, t_fine]), limits))
+  return [{key: v[0, :cfg.k_coarse] for key, v in s.items()},
+          {key: v[1, :cfg.k_fine] for key, v in s.items()}]
+
+
+def _claimed(s: Dict[str, Array]) -> Array:
+  """(L, L): pixels a stage has used up: inside its accepted masks, or its
+  decoded peaks.  The fine stage looks only outside them."""
+  covered = jnp.any(s["best_mask"] & s["accepted"][:, None, None], axis=0)
+  l = covered.shape[-1]
+  pix = jnp.clip(jnp.floor(s["pts"]).astype(jnp.int32), 0, l - 1)
+  return covered | jnp.zeros((l, l), bool).at[pix[:, 1], pix[:, 0]].max(s["ok"])
 
 
 _STAGE_OUTPUTS = ("logits", "iou", "pts_in", "stab", "cand_ok", "accepted", "ok", "score")
 
 
-def _stage(candidates: Array, prob: Array, k: int, decode_fn: DecodeFn, region: Array,
-           stride: float, cfg: AsfConfig) -> Dict[str, Array]:
-  """One ASF stage: the best `k` candidate peaks, decoded in one batch,
+def _stage(free: Array, threshold: Array, k: int, limit: Array | None = None, *,
+           is_peak: Array, prob: Array, decode_fn: DecodeFn, region: Array, stride: float,
+           cfg: AsfConfig) -> Dict[str, Array]:
+  """One ASF stage: the best `k` peaks above `threshold` where `free`
+  (only the first `limit` of them if given), decoded in one batch,
   filtered, redundant prompts dropped."""
-  pts, score, ok = (a[0] for a in _top_peaks(candidates, prob, k))
+  pts, score, ok = (a[0] for a in _top_peaks(is_peak & (prob > threshold) & free, prob, k))
+  if limit is not None:  # the peaks are sorted: the first `limit` slots are the best
+    ok = ok & (jnp.arange(k) < limit)
   logits, iou, pts_in = _decode_stage(decode_fn, pts, ok, stride)
   out = _filter_stage(logits, iou, ok, pts, region, cfg)
   return dict(out, pts=pts, score=score, ok=ok, logits=logits, iou=iou, pts_in=pts_in)
