@@ -87,16 +87,21 @@ def run_child(program: str, model: str, cache, src: str = ROOT, scan: bool = Fal
   """One fresh process running `child` against the library under `src`."""
   env = dict(os.environ, AOPSAM_COMPILE_CACHE=cache or "off", PYTHONPATH=src,
              TF_CPP_MIN_LOG_LEVEL="3", AOPSAM_BENCH_SCAN_BLOCKS="1" if scan else "0")
-  code = ("import json, sys, importlib.util; sys.path.insert(0, %r); "
+  # `src` goes first on sys.path after this module is loaded (it puts ROOT there)
+  code = ("import json, sys, importlib.util; "
           "spec = importlib.util.spec_from_file_location('bench_compile_child', %r); "
           "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); "
+          "sys.path.insert(0, %r); "
           "from aopsam_jax import compile_cache; compile_cache.setup(); "
-          "print(json.dumps(b.child(%r, %r)))" % (src, os.path.abspath(__file__), program, model))
+          "print(json.dumps(b.child(%r, %r)))" % (os.path.abspath(__file__), src, program, model))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=ROOT)
   if out.returncode != 0:
     raise SystemExit(out.stderr[-2000:])
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  if os.path.realpath(res["library"]) != os.path.realpath(os.path.join(src, "aopsam_jax")):
+    raise SystemExit(f"child imported {res['library']}, not the library under {src}")
+  return res
 
 
 def compare(a) -> str:
