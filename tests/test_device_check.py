@@ -34,7 +34,8 @@ def test_device_check_smoke(tmp_path):
   assert {p["impl"].split()[0] for p in data["parity"]} == {"chunked", "xla"}
   whats = [r["what"] for r in data["rows"]]
   for step in ("encoder (chunked)", "encoder (xla)", "1 prompt(s) -> masks (orig. size)",
-               "AoP-SAM end to end", "AMG_S (2x2 grid)", "train step (online embeddings)"):
+               "AoP-SAM end to end", "AoP-SAM end to end, ASF stages as one loop (prompt_chunk 8)",
+               "AMG_S (2x2 grid)", "train step (online embeddings)"):
     assert step in whats, (step, whats)
   assert all(r["median_s"] > 0 and r["runs"] >= 1 for r in data["rows"])
   assert "matmul 256^3 float32" in text
