@@ -117,7 +117,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     raise cli.WorkError(f"cannot load {args.checkpoint or args.bundle or 'the shipped bundle'}: "
                         f"{e}") from None
   if aop.random_sam:
-    print(segment.random_init_banner("aop", ""), file=sys.stderr)
+    print(segment.random_init_banner("aop", None), file=sys.stderr)
   cfg = aop.cfg
   print(f"exporting for {','.join(platforms)}, batch {args.batch}, {cfg.img_size}x{cfg.img_size}, "
         f"weights {args.weights}; thresholds {segment.describe_thresholds(aop.thresholds)} "

@@ -322,7 +322,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
   bar = None
   if pidx == 0:
     if aop.random_sam:
-      print(random_init_banner("aop", "the bundle's"), file=sys.stderr)
+      print(random_init_banner("aop", None), file=sys.stderr)
     print(f"{len(items)} images, {len(done)} already done; thresholds: "
           f"{describe_thresholds(aop.thresholds)}", file=sys.stderr)
     if not args.no_progress:

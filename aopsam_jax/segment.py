@@ -228,6 +228,15 @@ AOP_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_
                   "nms_thresh")
 
 
+def _bundle_has_sam_weights(path: Optional[str]) -> bool:
+  from aopsam_jax.aop import bundle as bundle_lib
+  try:
+    with open(os.path.join(path or bundle_lib.DEFAULT_BUNDLE, "bundle.json")) as f:
+      return "weights" in json.load(f).get("sam", {})
+  except (OSError, ValueError, AttributeError):
+    return False  # load_bundle says what is wrong with it
+
+
 @dataclasses.dataclass
 class AopModel:
   """An AoP-SAM bundle loaded as the apps load it (segment, label, export)."""
@@ -246,11 +255,16 @@ def load_aop(args) -> AopModel:
   import dataclasses as dc
   from aopsam_jax.aop import bundle as bundle_lib
   sam = None
-  if args.checkpoint is not None:
-    sam, _ = load_model(args.checkpoint, getattr(args, "model_type", None), getattr(args, "seed", 0))
-  b = bundle_lib.load_bundle(args.bundle, sam=sam,
+  model_type = getattr(args, "model_type", None)
+  if args.checkpoint is not None or model_type is not None:
+    # no checkpoint: --model-type is the random-init architecture, as in the other modes
+    sam, _ = load_model(args.checkpoint, model_type, getattr(args, "seed", 0))
+  if args.checkpoint is None and model_type is not None and _bundle_has_sam_weights(args.bundle):
+    raise ValueError(f"--model-type {model_type} without --checkpoint asks for a random-init SAM, "
+                     "but this bundle holds SAM weights: drop --model-type, or pass --checkpoint")
+  b = bundle_lib.load_bundle(args.bundle, sam=sam, quiet=sam is not None,
                              force_encoder=getattr(args, "force_encoder", False))
-  random_sam = args.checkpoint is None and b.random_sam
+  random_sam = args.checkpoint is None and (b.random_sam or model_type is not None)
   if args.checkpoint is not None:
     weights = os.path.basename(os.path.normpath(args.checkpoint))
   elif random_sam:
@@ -569,7 +583,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 
 
 def random_init_banner(mode: str, model_type: Optional[str]) -> str:
-  which = "the AoP bundle's SAM" if mode == "aop" else (model_type or DEFAULT_MODEL_TYPE)
+  which = ("the AoP bundle's SAM" if mode == "aop" and model_type is None
+           else (model_type or DEFAULT_MODEL_TYPE))
   return ("=" * 72 + "\nWARNING: no --checkpoint given: using RANDOM-INIT weights "
           f"({which}).\nThe masks are meaningless; this run only exercises the "
           "pipeline.\n" + "=" * 72)
@@ -616,7 +631,7 @@ def program_name(args) -> str:
           "prompt": "the SAM predictor"}[args.mode]
   if args.checkpoint:
     return f"{what} for {os.path.basename(args.checkpoint)}"
-  if args.mode == "aop":
+  if args.mode == "aop" and args.model_type is None:
     return f"{what} for the bundle's SAM"
   return f"{what} for random-init {args.model_type}"
 

@@ -121,3 +121,40 @@ def test_segment_usage_errors_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
       segment.main([*argv, "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and what in capsys.readouterr().err
+
+
+def test_aop_model_type_without_checkpoint(tmp_path, capsys):
+  """--model-type without --checkpoint is the random-init architecture in aop
+  mode too (as in amg / prompt mode), not silently the bundle's SAM; a bundle
+  holding SAM weights refuses it in one line (exit 1) instead of dropping them."""
+  from aopsam_jax.aop import bundle as bundle_lib
+  from aopsam_jax.aop.prompt_predictor import PromptPredictorConfig
+  from aopsam_jax.sam.config import get_sam_config
+  def parsed(*argv):
+    parser = segment.build_parser()
+    args = parser.parse_args(list(argv))
+    segment.check_args(parser, args)
+    return args
+
+  args = parsed("--mode", "aop", "--model-type", "vit_t")
+  aop = segment.load_aop(args)
+  assert aop.random_sam and aop.bundle.sam.config == get_sam_config("vit_t")
+  assert segment.program_name(args).endswith("for random-init vit_t")
+  assert "(vit_t)" in segment.random_init_banner("aop", "vit_t")
+  shipped = segment.load_aop(parsed("--mode", "aop"))
+  assert shipped.random_sam and shipped.bundle.sam.config == get_sam_config("vit_tiny_test")
+  assert "the AoP bundle's SAM" in segment.random_init_banner("aop", None)
+
+  pp = PromptPredictorConfig(img_channels=(8, 16, 32), embed_proj=32, hidden=32,
+                             dec_channels=(16, 8), head_bias=0.0)
+  rb = bundle_lib.random_bundle("vit_tiny_test", seed=0, predictor_cfg=pp)
+  bdir = tmp_path / "bundle"
+  bundle_lib.save_bundle(str(bdir), rb.sam, rb.predictor)
+  img = tmp_path / "a.png"
+  Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(img)
+  capsys.readouterr()
+  rc = segment.main([str(img), "--mode", "aop", "--bundle", str(bdir), "--model-type", "vit_b",
+                     "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 1 and len(err) == 1 and "--model-type vit_b without --checkpoint" in err[0], err
+  assert not (tmp_path / "out" / "a.json").exists()
