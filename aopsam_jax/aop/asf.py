@@ -243,7 +243,7 @@ def _looped_stages(stage: Callable, free: Array, t_coarse: Array, t_fine: Array,
   slots (see `run`'s `stage_loop`)."""
   def step(free, t_n):
     s = stage(free, t_n[0], max(cfg.k_coarse, cfg.k_fine), t_n[1])
-    return free & ~_claimed(s), s
+    return free & ~_claimed(s), {k: s[k] for k in _STAGE_OUTPUTS}  # only what is stacked
 
   limits = jnp.array([cfg.k_coarse, cfg.k_fine], jnp.int32)
   _, s = jax.lax.scan(step, free, (jnp.stack([t_coarse, t_fine]), limits))
