@@ -33,6 +33,7 @@ from aopsam_jax.aop.prompt_predictor import PromptPredictor, PromptPredictorConf
 from aopsam_jax.sam.config import get_sam_config  # noqa: E402
 from aopsam_jax.sam.params import build_model  # noqa: E402
 from aopsam_jax.sysinfo import cpu_model  # noqa: E402
+from benchmarks.tables import write_table  # noqa: E402
 
 FORMS = {True: "stages as one loop", False: "two decoder calls"}
 
@@ -102,10 +103,7 @@ def main(argv=None) -> None:
   results = {m: measure(m, a.rounds) for m in a.models.split(",")}
   text = table(results, sys.argv[1:] if argv is None else argv)
   out = a.out or os.path.join(ROOT, "benchmarks", "results", f"asf_loop_{jax.default_backend()}.md")
-  with open(out, "w") as f:
-    f.write(text)
-  print(text)
-  print(f"wrote {out}")
+  write_table(text, out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.baseline import package_at  # noqa: E402
+from benchmarks.tables import write_table  # noqa: E402
 
 PROGRAMS = {"aop": "AoP-SAM program (segment --mode aop)",
             "amg_s": "grid AMG_S program (segment --mode amg, 16x16)",
@@ -152,9 +153,7 @@ def main(argv=None) -> None:
     text = compare(a)
     out = a.out or os.path.join(ROOT, "benchmarks", "results",
                                 f"compile_compare_{jax.default_backend()}.md")
-    with open(out, "w") as f:
-      f.write(text)
-    print(text)
+    write_table(text, out)
     return
   rows = []
   for prog in a.programs.split(","):
@@ -178,9 +177,7 @@ def main(argv=None) -> None:
                  f"{r['cold']['first_s'] - run:.1f} -> {max(r['warm']['first_s'] - run, 0):.1f} |")
   text = "\n".join(lines) + "\n"
   out = a.out or os.path.join(ROOT, "benchmarks", "results", f"compile_{jax.default_backend()}.md")
-  with open(out, "w") as f:
-    f.write(text)
-  print(text)
+  write_table(text, out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.baseline import package_at  # noqa: E402
+from benchmarks.tables import write_table  # noqa: E402
 
 
 def child(tree: str, prompts, repeats: int, out_npz: str) -> dict:
@@ -148,12 +149,9 @@ def main(argv=None) -> int:
         print(f"round {r + 1} {name}: " + ", ".join(
             f"{k} {v['median']:.3f}s" for k, v in runs[name][-1].items()), flush=True)
     text = _table(args, trees, runs, npz)
-  print(text)
   import jax
   out = args.out or os.path.join(ROOT, "benchmarks", "results", f"decoder_{jax.default_backend()}.md")
-  with open(out, "w") as f:
-    f.write(text)
-  print(f"wrote {out}")
+  write_table(text, out)
   return 0
 
 

@@ -42,6 +42,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from aopsam_jax.sysinfo import cpu_model  # noqa: E402
+from benchmarks.tables import write_table  # noqa: E402
 
 
 def _load() -> str:
@@ -392,11 +393,7 @@ def main(argv=None) -> None:
     import jax
     out = args.out or os.path.join(ROOT, "benchmarks", "results",
                                    f"sam_{jax.default_backend()}.md")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    f.write(text)
-  print(text)
-  print(f"wrote {out}")
+  write_table(text, out)
 
 
 if __name__ == "__main__":
