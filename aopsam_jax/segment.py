@@ -228,15 +228,6 @@ AOP_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_
                   "nms_thresh")
 
 
-def _bundle_has_sam_weights(path: Optional[str]) -> bool:
-  from aopsam_jax.aop import bundle as bundle_lib
-  try:
-    with open(os.path.join(path or bundle_lib.DEFAULT_BUNDLE, "bundle.json")) as f:
-      return "weights" in json.load(f).get("sam", {})
-  except (OSError, ValueError, AttributeError):
-    return False  # load_bundle says what is wrong with it
-
-
 @dataclasses.dataclass
 class AopModel:
   """An AoP-SAM bundle loaded as the apps load it (segment, label, export)."""
@@ -258,11 +249,9 @@ def load_aop(args) -> AopModel:
   model_type = getattr(args, "model_type", None)
   if args.checkpoint is not None or model_type is not None:
     # no checkpoint: --model-type is the random-init architecture, as in the other modes
+    # (`check_args` refused it for a bundle that holds SAM weights)
     sam, _ = load_model(args.checkpoint, model_type, getattr(args, "seed", 0))
-  if args.checkpoint is None and model_type is not None and _bundle_has_sam_weights(args.bundle):
-    raise ValueError(f"--model-type {model_type} without --checkpoint asks for a random-init SAM, "
-                     "but this bundle holds SAM weights: drop --model-type, or pass --checkpoint")
-  b = bundle_lib.load_bundle(args.bundle, sam=sam, quiet=sam is not None,
+  b = bundle_lib.load_bundle(args.bundle, sam=sam,
                              force_encoder=getattr(args, "force_encoder", False))
   random_sam = args.checkpoint is None and (b.random_sam or model_type is not None)
   if args.checkpoint is not None:
@@ -562,6 +551,15 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
   """Usage errors found before any model is loaded (exit 2 through `p.error`)."""
   if args.mode == "aop" and args.box_nms_thresh is not None:
     p.error("--box-nms-thresh is for --mode amg; AoP-SAM's mask NMS is --asf nms_thresh=X")
+  if args.mode == "aop" and args.model_type is not None and args.checkpoint is None:
+    from aopsam_jax.aop.bundle import read_meta
+    try:
+      has_weights = "weights" in read_meta(args.bundle)["sam"]
+    except (OSError, ValueError, KeyError):
+      has_weights = False  # loading the bundle says what is wrong with it
+    if has_weights:
+      p.error(f"--model-type {args.model_type} without --checkpoint asks for a random-init SAM, "
+              "but this bundle holds SAM weights: drop --model-type, or pass --checkpoint")
   args.asf_overrides = {}
   if not args.asf:  # the rest needs the aop modules (and so jax): only with --asf
     return

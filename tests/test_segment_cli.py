@@ -126,10 +126,12 @@ def test_segment_usage_errors_before_loading(tmp_path, capsys):
 def test_aop_model_type_without_checkpoint(tmp_path, capsys):
   """--model-type without --checkpoint is the random-init architecture in aop
   mode too (as in amg / prompt mode), not silently the bundle's SAM; a bundle
-  holding SAM weights refuses it in one line (exit 1) instead of dropping them."""
+  holding SAM weights refuses it in one line (exit 2, a usage error found
+  before any model is built) instead of dropping them."""
   from aopsam_jax.aop import bundle as bundle_lib
   from aopsam_jax.aop.prompt_predictor import PromptPredictorConfig
   from aopsam_jax.sam.config import get_sam_config
+
   def parsed(*argv):
     parser = segment.build_parser()
     args = parser.parse_args(list(argv))
@@ -153,8 +155,10 @@ def test_aop_model_type_without_checkpoint(tmp_path, capsys):
   img = tmp_path / "a.png"
   Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(img)
   capsys.readouterr()
-  rc = segment.main([str(img), "--mode", "aop", "--bundle", str(bdir), "--model-type", "vit_b",
-                     "--out", str(tmp_path / "out")])
+  import pytest
+  with pytest.raises(SystemExit) as e:
+    segment.main([str(img), "--mode", "aop", "--bundle", str(bdir), "--model-type", "vit_b",
+                  "--out", str(tmp_path / "out")])
   err = capsys.readouterr().err.strip().splitlines()
-  assert rc == 1 and len(err) == 1 and "--model-type vit_b without --checkpoint" in err[0], err
+  assert e.value.code == 2 and len(err) == 1 and "--model-type vit_b without --checkpoint" in err[0], err
   assert not (tmp_path / "out" / "a.json").exists()

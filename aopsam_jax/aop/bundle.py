@@ -129,6 +129,19 @@ def save_bundle(path: str, sam, predictor: PromptPredictor, asf_cfg: AsfConfig =
     json.dump(meta, f, indent=1)
 
 
+def read_meta(path: Optional[str] = None) -> Dict[str, Any]:
+  """A bundle's bundle.json (default: the shipped bundle), format checked."""
+  path = path or DEFAULT_BUNDLE
+  meta_path = os.path.join(path, "bundle.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{path} is not an AoP-SAM bundle (no bundle.json)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{meta_path}: not an {FORMAT} file")
+  return meta
+
+
 def load_bundle(path: Optional[str] = None, *, sam_checkpoint: Optional[str] = None,
                 sam=None, asf_overrides: Optional[Dict[str, Any]] = None,
                 quiet: bool = False, force_encoder: bool = False) -> Bundle:
@@ -145,13 +158,7 @@ def load_bundle(path: Optional[str] = None, *, sam_checkpoint: Optional[str] = N
   if sam_checkpoint is not None and sam is not None:
     raise ValueError("give sam_checkpoint or sam, not both")
   path = path or DEFAULT_BUNDLE
-  meta_path = os.path.join(path, "bundle.json")
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f"{path} is not an AoP-SAM bundle (no bundle.json)")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{meta_path}: not an {FORMAT} file")
+  meta = read_meta(path)
   sam_info = dict(meta["sam"])
   predictor, _ = load_predictor(os.path.join(path, meta.get("predictor", "predictor")))
   if sam is not None:
