@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   cli.add_bundle_arguments(p)
   p.add_argument("--out", required=True, help="artefact to write (e.g. prog.bin)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
   p.add_argument("--batch", type=int, default=1, help="images per call (fixed)")
   p.add_argument("--weights", choices=("embedded", "arguments"), default="embedded",
                  help="weights as constants in the program, or as its first argument "
@@ -103,6 +104,9 @@ def _check_args(args) -> Sequence[str]:
     raise cli.UsageError(f"--platforms {args.platforms}: choose from {','.join(known)}")
   if os.path.isdir(args.out):
     raise cli.UsageError(f"--out {args.out} is a folder; give a file name")
+  if os.path.exists(args.out) and not args.overwrite:
+    raise cli.UsageError(f"--out {args.out} already exists; pass --overwrite to replace it or "
+                         "choose another name")
   return platforms
 
 

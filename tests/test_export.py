@@ -54,8 +54,12 @@ def artefacts(tmp_path_factory):
   paths = [str(tmp / "prog_embedded.bin"), str(tmp / "prog_arguments.bin")]
   export.write_artefact(paths[0], exp, None, {"format": "aopsam_jax.exported", "batch": 2,
                                               "img_size": CFG.img_size, "weights": "embedded"})
-  assert export.main(["--bundle", str(tmp / "bundle"), "--out", paths[1], "--batch", "2",
-                      "--weights", "arguments", "--platforms", "cpu,cuda", *ASF_FLAGS]) == 0
+  argv = ["--bundle", str(tmp / "bundle"), "--out", paths[1], "--batch", "2",
+          "--weights", "arguments", "--platforms", "cpu,cuda", *ASF_FLAGS]
+  assert export.main(argv) == 0
+  # a second run refuses to replace the artefact (exit 2, nothing loaded), unless --overwrite
+  before = os.path.getmtime(paths[1])
+  assert export.main(argv) == 2 and os.path.getmtime(paths[1]) == before
   return tmp, paths, exp
 
 
