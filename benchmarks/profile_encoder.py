@@ -1,12 +1,13 @@
 """Where the SAM ViT encoder's CPU time goes: its parts jitted alone at the real shapes.
 
-  python benchmarks/profile_encoder.py [--model vit_b] [--repeats 3]
+  python benchmarks/profile_encoder.py [--model vit_b] [--repeats 3] [--encoder-only]
+  taskset -c 0 python benchmarks/profile_encoder.py ...   # the same on one core
 
 Times (min of --repeats, wall and process CPU) each part of one windowed and
 one global block at a 1024 input, batch 1, float32, with its FLOPs and
 GFLOP per CPU second (robust to other processes on a shared machine) beside
-a 2048^3 float32 matmul measured in the same run, and the whole encoder
-once.  Parts jitted alone lose the fusion with their neighbours, so they add
+a 2048^3 float32 matmul measured in the same run, and the whole encoder.
+Parts jitted alone lose the fusion with their neighbours, so they add
 up to a little more than a block.
 """
 
@@ -89,6 +90,8 @@ def main(argv=None) -> None:
   ap.add_argument("--model", default="vit_b")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--no-encoder", action="store_true", help="skip the whole-encoder timing")
+  ap.add_argument("--encoder-only", action="store_true",
+                  help="time only the matmul and the whole encoder (--repeats calls each)")
   a = ap.parse_args(argv)
   cfg = SAM_CONFIGS[a.model]
   g, d = cfg.embed_size, cfg.encoder_embed_dim
@@ -99,7 +102,7 @@ def main(argv=None) -> None:
   w, c = timed(lambda m: m @ m, m, repeats=a.repeats)
   rows.append(("float32 matmul 2048^3", w, c, 2 * 2048**3))
   ws = cfg.window_size
-  for kind, win in (("window", ws), ("global", 0)):
+  for kind, win in () if a.encoder_only else (("window", ws), ("global", 0)):
     blk = perturbed(EncoderBlock(d, cfg.encoder_num_heads, cfg.mlp_ratio, win, (g, g), rngs))
     for name, fn, args, flops in block_parts(blk, x):
       w, c = timed(fn, *args, repeats=a.repeats)
@@ -109,18 +112,20 @@ def main(argv=None) -> None:
     from benchmarks.device_check import encoder_flops
     enc = perturbed(ImageEncoderViT(cfg, rngs))
     img = jax.random.normal(jax.random.key(3), (1, cfg.img_size, cfg.img_size, 3))
-    w, c = timed(lambda i: enc(i), img, repeats=1)
+    w, c = timed(lambda i: enc(i), img, repeats=a.repeats)
     rows.append((f"whole encoder {a.model}", w, c, encoder_flops(cfg)))
-  peak = rows[0][3] / rows[0][2]
+  peak, peak_wall = rows[0][3] / rows[0][2], rows[0][3] / rows[0][1]
   load = "/".join(f"{v:.1f}" for v in os.getloadavg())
   print(f"\n{os.cpu_count()} CPUs, load average {load}, jax {jax.__version__}\n")
-  print("| part | wall ms | CPU ms | GFLOP | GFLOP per CPU s | share of the matmul's |")
-  print("|---|---|---|---|---|---|")
+  print("| part | wall ms | CPU ms | GFLOP | GFLOP per CPU s | share of the matmul's | "
+        "share per wall s |")
+  print("|---|---|---|---|---|---|---|")
   for name, w, c, flops in rows:
     rate = f"{flops / c / 1e9:.0f}" if flops else "-"
     share = f"{flops / c / peak:.0%}" if flops else "-"
     gf = f"{flops / 1e9:.1f}" if flops else "-"
-    print(f"| {name} | {w * 1e3:.1f} | {c * 1e3:.1f} | {gf} | {rate} | {share} |")
+    share_wall = f"{flops / w / peak_wall:.0%}" if flops else "-"
+    print(f"| {name} | {w * 1e3:.1f} | {c * 1e3:.1f} | {gf} | {rate} | {share} | {share_wall} |")
 
 
 if __name__ == "__main__":
