@@ -12,13 +12,18 @@ was; a traceback is printed only for a bug in the program (and then in full):
 
 Programs raise `UsageError` / `WorkError` anywhere below their `main` and wrap
 it with `run_main`; `ArgumentParser` makes argparse's own errors one line too.
+`run_main` also prints Python warnings (a random-weights notice, a library's
+deprecation) as one `prog: warning: ...` line, without the source line that
+Python's default format adds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Any, Callable, Optional, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -55,7 +60,9 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
              prog: str) -> int:
   """`main(argv)` with `UsageError` -> exit 2 and `WorkError` -> exit 1, each as one line."""
   try:
-    return main(argv)
+    with warnings.catch_warnings():
+      warnings.showwarning = _one_line_warning(prog)
+      return main(argv)
   except UsageError as e:
     print(error_line(prog, e) + " (see --help)", file=sys.stderr)
     return EXIT_USAGE
@@ -65,6 +72,31 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
   except KeyboardInterrupt:
     print(f"{prog}: interrupted", file=sys.stderr)
     return 130
+
+
+def _one_line_warning(prog: str):
+  def show(message, category, filename, lineno, file=None, line=None):
+    text = " ".join(str(message).split())
+    try:  # above a running progress bar, not through it
+      from tqdm import tqdm
+      tqdm.write(f"{prog}: warning: {text}", file=file or sys.stderr)
+    except ImportError:
+      print(f"{prog}: warning: {text}", file=file or sys.stderr)
+  return show
+
+
+def write_atomic(path: str, write: Callable[[str], Any]) -> None:
+  """`write(tmp)` then rename onto `path`: an interrupted run never leaves a
+  half-written file under a result's name (only `<path>.partial`, removed on
+  failure).  Writers that pick a format by file name must be told it."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".partial"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 # --- shared options of the AoP-SAM apps (label, export) -----------------------

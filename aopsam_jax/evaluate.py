@@ -1,7 +1,7 @@
 r"""AoP-SAM vs grid AMG (AMG_S 16x16, AMG_D 32x32) on a COCO-format split.
 
-  python -m aopsam_jax.evaluate --data /work/shared/data/coco_tiny --split val \
-      --bundle BUNDLE_DIR --out benchmarks/results/eval_coco_tiny
+  python -m aopsam_jax.evaluate --data ../shared/data/coco_tiny --split val \
+      --bundle BUNDLE_DIR --out benchmarks/results/eval_coco_tiny [--overwrite]
 
 Metrics per method (ground truth: non-crowd instances with area >= 64 px in
 the 1024 input frame, as in training, `trainer.evaluation.ImageGT`):
@@ -472,17 +472,32 @@ def plot(res: dict, path: str) -> None:
   fig.suptitle(f"{os.path.basename(res['dataset']['dir'])} {res['dataset']['split']}: SAM "
                f"{sam['model']}{' (RANDOM weights)' if sam['random_weights'] else ''}", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, format="png")  # by content: `path` may be a temporary name
   plt.close(fig)
 
 
+OUT_SUFFIXES = (".json", ".md", ".png")
+
+
+def default_out(data_dir: str, split: str) -> str:
+  """eval_<data folder>_<split>, in the current directory."""
+  name = os.path.basename(os.path.normpath(os.path.abspath(data_dir))) or "data"
+  return f"eval_{name}_{split}"
+
+
 def write_outputs(res: dict, out_prefix: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-  with open(out_prefix + ".json", "w") as f:
-    json.dump(res, f, indent=1, default=str)
-  with open(out_prefix + ".md", "w") as f:
-    f.write(to_markdown(res))
-  plot(res, out_prefix + ".png")
+  """<out>.json (every number), .md (the table), .png (the chart); each file
+  appears whole or not at all (`cli.write_atomic`)."""
+  from aopsam_jax.cli import write_atomic
+
+  def text(body: str):
+    def write(tmp):
+      with open(tmp, "w") as f:
+        f.write(body)
+    return write
+  write_atomic(out_prefix + ".json", text(json.dumps(res, indent=1, default=str)))
+  write_atomic(out_prefix + ".md", text(to_markdown(res)))
+  write_atomic(out_prefix + ".png", lambda tmp: plot(res, tmp))
 
 
 def _positive_int(text: str) -> int:
@@ -545,10 +560,28 @@ def build_parser() -> argparse.ArgumentParser:
                  help="images on which grid AMG is run (masks, latency; first one compiles)")
   p.add_argument("--asf", action="append", default=[],
                  help="AsfConfig override, e.g. --asf k_coarse=16 (repeatable)")
-  p.add_argument("--out", default="benchmarks/results/eval_coco_tiny")
+  p.add_argument("--out", default=None,
+                 help="path prefix of the report: writes OUT.json (every number), OUT.md (the "
+                      "table) and OUT.png (the chart); default eval_<data folder>_<split> in the "
+                      "current directory")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing report at --out (without it, one stops the run before "
+                      "any work)")
   from aopsam_jax import compile_cache
   compile_cache.add_flag(p)
   return p
+
+
+def check_out(out: str, overwrite: bool) -> None:
+  """--out is a path prefix whose report files do not exist yet (unless --overwrite)."""
+  from aopsam_jax.cli import UsageError
+  if os.path.isdir(out):
+    raise UsageError(f"--out {out} is a directory; give a path prefix (writes <out>.json, "
+                     "<out>.md, <out>.png)")
+  existing = [out + s for s in OUT_SUFFIXES if os.path.exists(out + s)]
+  if existing and not overwrite:
+    raise UsageError(f"--out {out}: {existing[0]} exists (an earlier report); pass --overwrite to "
+                     "replace it or choose another --out")
 
 
 def main(argv=None) -> int:
@@ -566,9 +599,8 @@ def _main(argv) -> int:
     if path is not None and not os.path.exists(path) and \
         not (flag == "--sam-checkpoint" and path in CHECKPOINT_NAMES):
       raise UsageError(f"{flag} {path}: no such file or directory")
-  if os.path.isdir(a.out):
-    raise UsageError(f"--out {a.out} is a directory; give a path prefix (writes <out>.json, "
-                     "<out>.md, <out>.png)")
+  a.out = a.out or default_out(a.data, a.split)
+  check_out(a.out, a.overwrite)
   load_split(a.data, a.split, a.limit)  # a usage error here comes before any model work
   from aopsam_jax import compile_cache
   compile_cache.setup(a.no_compile_cache)
@@ -581,6 +613,7 @@ def _main(argv) -> int:
                  over or None, force_encoder=a.force_encoder)
   write_outputs(res, a.out)
   print(to_markdown(res))
+  print(f"evaluate: report written to {a.out}{{{','.join(OUT_SUFFIXES)}}}", file=sys.stderr)
   return 1 if res["dataset"]["skipped_images"] else 0
 
 

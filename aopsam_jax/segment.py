@@ -296,15 +296,19 @@ MODES: Dict[str, Callable[[Any], Session]] = {"aop": setup_aop, "amg": setup_amg
 # --- I/O ---------------------------------------------------------------------
 
 
-def collect_images(paths: Sequence[str]) -> List[str]:
+def collect_images(paths: Sequence[str], subdirs: Optional[List[str]] = None) -> List[str]:
   """Image files named on the command line, and the images in named directories
-  (not recursive; by extension).  A path given twice is kept once.  A missing
-  path is a usage error; unreadable files are found later, when loaded."""
+  (not recursive; by extension; the subdirectories met are appended to
+  `subdirs`).  A path given twice is kept once.  A missing path is a usage
+  error; unreadable files are found later, when loaded."""
   from aopsam_jax.cli import UsageError
   out, seen = [], set()
   for p in paths:
     if os.path.isdir(p):
-      found = [os.path.join(p, f) for f in sorted(os.listdir(p))
+      names = sorted(os.listdir(p))
+      if subdirs is not None:
+        subdirs.extend(os.path.join(p, f) for f in names if os.path.isdir(os.path.join(p, f)))
+      found = [os.path.join(p, f) for f in names
                if f.lower().endswith(IMAGE_EXTS) and not os.path.isdir(os.path.join(p, f))]
     elif os.path.lexists(p):
       found = [p]
@@ -375,19 +379,6 @@ def load_input(path: str) -> np.ndarray:
   return load_image(path)
 
 
-def _write_atomic(path: str, write: Callable[[str], Any]) -> None:
-  """`write(tmp)` then rename onto `path`: an interrupted run never leaves a
-  half-written file under a result's name (only `*.partial`)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".partial"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def coco_results(records, image_id: int, weights: str,
                  thresholds: Optional[Dict[str, Tuple[float, str]]] = None
                  ) -> List[Dict[str, Any]]:
@@ -455,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="replace results already in --out (without it, existing results of these "
                       "inputs stop the run before any work)")
+  p.add_argument("--skip-existing", action="store_true",
+                 help="keep the results already in --out and segment only the other inputs "
+                      "(finishes an interrupted run; an image counts as done when both its "
+                      "JSON and its overlay are there)")
   p.add_argument("--seed", type=int, default=0, help="seed of the random-init weights")
   g = p.add_argument_group("amg (grid automatic mask generation; AMG_S = 16, AMG_D = 32 points "
                            "per side)")
@@ -502,6 +497,8 @@ def check_usage(args) -> None:
   if args.mode != "prompt" and prompt_flags:
     raise UsageError(f"{prompt_flags[0]} applies only to --mode prompt (this is --mode "
                      f"{args.mode}); add --mode prompt or drop it")
+  if args.overwrite and args.skip_existing:
+    raise UsageError("--overwrite replaces existing results, --skip-existing keeps them: give one")
   if args.mode == "prompt" and not (args.point or args.box):
     raise UsageError("--mode prompt needs --point X,Y (repeatable) and/or --box X0,Y0,X1,Y1")
   n_points = len(args.point or [])
@@ -525,19 +522,20 @@ def check_usage(args) -> None:
     raise UsageError(f"--bundle {args.bundle}: no such file or directory")
 
 
-def check_out(out: str, stems: Sequence[str], overwrite: bool) -> None:
+def check_out(out: str, stems: Sequence[str], overwrite: bool, keep: bool = False) -> None:
   """--out must be a directory we can write, without results of these inputs
-  (unless --overwrite).  Creates it."""
+  (unless --overwrite, or `keep`: --skip-existing).  Creates it."""
   import tempfile
   from aopsam_jax.cli import UsageError
   if os.path.exists(out) and not os.path.isdir(out):
     raise UsageError(f"--out {out} is an existing file; give a directory (it is created if needed)")
-  if not overwrite and os.path.isdir(out):
+  if not (overwrite or keep) and os.path.isdir(out):
     clash = [f for stem in stems for f in output_files(out, stem) if os.path.exists(f)]
     if clash:
       raise UsageError(f"--out {out} already holds results of these inputs ({len(clash)} "
-                       f"file(s), e.g. {clash[0]}); pass --overwrite to replace them or choose "
-                       "another --out")
+                       f"file(s), e.g. {clash[0]}); pass --skip-existing to keep them and do the "
+                       "rest (an interrupted run), --overwrite to replace them, or choose another "
+                       "--out")
   try:
     os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryFile(dir=out):
@@ -599,15 +597,28 @@ def _main(argv: Optional[Sequence[str]]) -> int:
   args = parser.parse_args(argv)
   check_usage(args)
   check_args(parser, args)
+  subdirs: List[str] = []
   if args.images:
-    paths = collect_images(args.images)
+    paths = collect_images(args.images, subdirs)
   else:
     from aopsam_jax.sam.image_io import sample_image_path
     paths = [sample_image_path()]
   if not paths:
     raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_EXTS)})")
   stems = output_stems(paths)
-  check_out(args.out, stems, args.overwrite)
+  check_out(args.out, stems, args.overwrite, args.skip_existing)
+  if subdirs:
+    print(f"note: {len(subdirs)} subfolder(s) not searched (e.g. {subdirs[0]}): segment reads the "
+          "images directly in a named folder; name subfolders too, or label whole trees with "
+          "python -m aopsam_jax.label", file=sys.stderr)
+  done = ([i for i, stem in enumerate(stems)
+           if all(os.path.exists(f) for f in output_files(args.out, stem))]
+          if args.skip_existing else [])
+  if done:
+    print(f"--skip-existing: {len(done)} of {len(paths)} image(s) already have results in "
+          f"{args.out}; segmenting the other {len(paths) - len(done)}", file=sys.stderr)
+  if len(done) == len(paths):
+    return report(args.out, 0, [], len(done))
   compile_cache.setup(args.no_compile_cache)
   try:
     session = MODES[args.mode](args)
@@ -619,8 +630,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(random_init_banner(args.mode, args.model_type), file=sys.stderr)
   if session.thresholds:
     print(f"thresholds: {describe_thresholds(session.thresholds)}", file=sys.stderr)
-  written, failed = segment_all(args, session, paths, stems)
-  return report(args.out, written, failed)
+  written, failed = segment_all(args, session, paths, stems, set(done))
+  return report(args.out, written, failed, len(done))
 
 
 def program_name(args) -> str:
@@ -634,14 +645,15 @@ def program_name(args) -> str:
   return f"{what} for random-init {args.model_type}"
 
 
-def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[str]
-                ) -> Tuple[int, List[Tuple[str, str]]]:
-  """Segment every input; a bad file is reported in one line and skipped.
-  Returns (images written, [(path, reason)] of those that failed)."""
+def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[str],
+                done: frozenset = frozenset()) -> Tuple[int, List[Tuple[str, str]]]:
+  """Segment every input but those whose index is in `done`; a bad file is
+  reported in one line and skipped.  Returns (images written, [(path,
+  reason)] of those that failed)."""
   from tqdm import tqdm
   written, failed = 0, []
-  for i, (path, stem) in enumerate(tqdm(list(zip(paths, stems)), desc=f"segment ({args.mode})",
-                                        unit="img")):
+  todo = [(i, path, stem) for i, (path, stem) in enumerate(zip(paths, stems)) if i not in done]
+  for i, path, stem in tqdm(todo, desc=f"segment ({args.mode})", unit="img"):
     try:
       image = load_input(path)
     except (OSError, ValueError) as e:
@@ -670,6 +682,7 @@ def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[st
 def write_outputs(args, session: Session, path: str, index: int, stem: str, image: np.ndarray,
                   records, extra: Dict[str, Any]) -> None:
   """The image's results JSON and overlay PNG, each written atomically."""
+  from aopsam_jax.cli import write_atomic
   from aopsam_jax.sam.visualize import save_overlay
   json_path, png_path = output_files(args.out, stem)
   results = coco_results(records, image_id_for(path, index), session.weights,
@@ -678,22 +691,24 @@ def write_outputs(args, session: Session, path: str, index: int, stem: str, imag
   def dump(tmp):
     with open(tmp, "w") as f:
       json.dump(results, f)
-  _write_atomic(json_path, dump)
+  write_atomic(json_path, dump)
   shown = records[:extra.get("overlay_top", len(records))]
   title = f"{os.path.basename(path)}: {len(records)} masks ({args.mode}) -- {session.weights}"
   if session.random_sam:
     title = f"[{RANDOM_LABEL.upper()}] " + title
   if session.thresholds:
     title += "\n" + describe_thresholds(session.thresholds)
-  _write_atomic(png_path, lambda tmp: save_overlay(
+  write_atomic(png_path, lambda tmp: save_overlay(
       tmp, image, [r["segmentation"] for r in shown], points=extra.get("points"),
       labels=extra.get("labels"), boxes=extra.get("boxes"), title=title))
 
 
-def report(out: str, written: int, failed: Sequence[Tuple[str, str]]) -> int:
+def report(out: str, written: int, failed: Sequence[Tuple[str, str]], kept: int = 0) -> int:
   """The closing summary; exit status 1 when any input failed."""
-  print(f"segment: {written} image(s) written to {out}, {len(failed)} failed"
-        + (":" if failed else ""), file=sys.stderr if failed else sys.stdout)
+  print(f"segment: {written} image(s) written to {out}"
+        + (f", {kept} already there (kept)" if kept else "")
+        + f", {len(failed)} failed" + (":" if failed else ""),
+        file=sys.stderr if failed else sys.stdout)
   for _, reason in failed:
     print(f"  {reason}", file=sys.stderr)
   return 1 if failed else 0

@@ -392,8 +392,6 @@ def main(argv):
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   elif FLAGS.multihost:
     jax.distributed.initialize()
-  if FLAGS.workdir is None:
-    _exit(2, "--workdir is required: the folder for checkpoints, metrics and plots")
   from aopsam_jax.cli import UsageError, WorkError
   from aopsam_jax.data.coco import DatasetError
   from aopsam_jax.trainer.workdir import ConfigMismatch, WorkdirBusy
@@ -405,6 +403,34 @@ def main(argv):
     _exit(1, str(e))
 
 
+def parse_flags(argv):
+  """absl's flag parsing with each mistake as one line and exit status 2 (absl
+  prints two lines and exits 1; a config file that cannot be loaded, or an
+  override of a field it lacks, ended in a traceback)."""
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    _exit(2, " ".join(str(e).split()))
+  except SyntaxError as e:
+    _exit(2, f"--config: {e.filename}, line {e.lineno}: {e.msg}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    field = str(e).strip("\"' ")
+    named = [a.split("=")[0] for a in argv
+             if a.startswith("--config.") and a.split("=")[0].rsplit(".", 1)[-1] == field]
+    _exit(2, f"{named[0] if named else field}: the config has no such field (its fields are "
+             "those its get_config() returns)")
+  if FLAGS.config is None:
+    _exit(2, "--config is required: a training config file, e.g. --config configs/coco_tiny.py")
+  try:
+    FLAGS.config.get("total_steps")  # config_flags reports a file it could not load only now
+  except OSError as e:
+    reason = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1]
+    _exit(2, f"--config: cannot load the config file ({reason})")
+  if FLAGS.workdir is None:
+    _exit(2, "--workdir is required: the folder for checkpoints, metrics and plots")
+  return rest
+
+
 def _exit(status: int, message: str):
   """One line on stderr, then exit (absl's own UsageError prints the whole help)."""
   import sys
@@ -413,5 +439,4 @@ def _exit(status: int, message: str):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -109,3 +109,46 @@ def test_every_image_missing_is_a_failure(tmp_path, capsys):
                    "--out", tmp_path / "r"], capsys)
   assert rc == 1 and "none of the 2 selected images" in err.splitlines()[-1]
   assert not list(tmp_path.glob("r.*"))
+
+
+def test_existing_report_needs_overwrite_and_default_name(tmp_path, capsys, monkeypatch):
+  """An earlier report is refused before any model work; --overwrite replaces it
+  whole; without --out the report is eval_<data folder>_<split> in the cwd."""
+  root, _ = make_split(tmp_path / "data", n_images=2)
+  args = ["--data", root, "--methods", "amg_s", "--amg-images", "0"]
+  monkeypatch.chdir(tmp_path)
+  assert _main(args, capsys)[0] == 0
+  first = json.loads((tmp_path / "eval_data_val.json").read_text())
+  assert first["methods"]["amg_s"]["prompt_recall"] == 1.0
+  assert (tmp_path / "eval_data_val.md").exists() and (tmp_path / "eval_data_val.png").exists()
+  before = (tmp_path / "eval_data_val.json").stat().st_mtime_ns
+  from aopsam_jax.aop import bundle
+
+  def refuse(*a, **k):
+    raise AssertionError("a model was loaded before the usage error")
+  with monkeypatch.context() as m:
+    m.setattr(bundle, "load_bundle", refuse)
+    rc, err = _main(args, capsys)
+  assert rc == 2 and len(err.strip().splitlines()) == 1, err
+  assert "eval_data_val.json exists" in err and "--overwrite" in err
+  assert (tmp_path / "eval_data_val.json").stat().st_mtime_ns == before
+  rc, err = _main(args + ["--limit", "1", "--overwrite"], capsys)
+  assert rc == 0, err
+  again = json.loads((tmp_path / "eval_data_val.json").read_text())
+  assert again["dataset"]["images"] == 1 and first["dataset"]["images"] == 2
+  assert not list(tmp_path.glob("*.partial"))
+
+
+def test_warnings_are_one_line(capsys):
+  """run_main prints a Python warning as one `prog: warning:` line, without
+  the source file and line Python's default format adds."""
+  import warnings
+
+  from aopsam_jax.cli import run_main
+
+  def main(argv):
+    warnings.warn("weights are RANDOM;\n  masks are meaningless", UserWarning, stacklevel=2)
+    return 0
+  assert run_main(main, [], "prog") == 0
+  err = capsys.readouterr().err
+  assert err == "prog: warning: weights are RANDOM; masks are meaningless\n", err

@@ -111,6 +111,47 @@ def test_existing_results_need_overwrite(messy):
   assert not mods & HEAVY_MODULES
 
 
+def test_skip_existing_finishes_an_interrupted_run(messy):
+  """--skip-existing keeps every image that has both results and segments the
+  rest; a half-done image (JSON without overlay) is redone; the subfolder of a
+  named folder is named in a note."""
+  out = messy["out"]
+  kept = out / "a" / "photo.json"
+  before = kept.stat().st_mtime_ns
+  os.remove(out / "b" / "photo.json")
+  os.remove(out / "b" / "photo_overlay.png")
+  os.remove(out / "a" / "pic_png_overlay.png")
+  proc = run_cli(messy["args"] + ["--skip-existing"])
+  assert proc.returncode == 1, proc.stderr  # the four bad files still fail
+  lines = proc.stderr.splitlines()
+  assert any(ln.startswith("--skip-existing: 2 of 8 image(s) already have results")
+             for ln in lines), proc.stderr
+  summary = [ln for ln in lines if ln.startswith("segment: ")][-1]
+  assert "2 image(s) written" in summary and "2 already there (kept)" in summary, summary
+  assert "4 failed" in summary
+  assert kept.stat().st_mtime_ns == before
+  res = json.loads((out / "b" / "photo.json").read_text())
+  assert res[0]["segmentation"]["size"] == [40, 30] and {r["image_id"] for r in res} == {7}
+  assert (out / "a" / "pic_png_overlay.png").exists()
+  assert not list(out.rglob("*.partial"))
+  # everything but the bad files done: nothing to do, no model built (no jax import)
+  for name in ("empty.png", "notes.png", "cut.jpg", "loop.png"):
+    os.remove(messy["root"] / "in" / "a" / name)
+  proc = run_cli(messy["args"] + ["--skip-existing"], importtime=True)
+  mods, lines = split_stderr(proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+  assert "4 already there (kept), 0 failed" in proc.stdout and not mods & HEAVY_MODULES
+
+
+def test_subfolders_not_searched_are_named(tmp_path):
+  (tmp_path / "in" / "deeper").mkdir(parents=True)
+  _image(tmp_path / "in" / "top.png")
+  _image(tmp_path / "in" / "deeper" / "below.png")
+  subdirs = []
+  assert segment.collect_images([str(tmp_path / "in")], subdirs) == [str(tmp_path / "in" / "top.png")]
+  assert subdirs == [str(tmp_path / "in" / "deeper")]
+
+
 def test_output_stems():
   assert segment.output_stems(["x/a.jpg", "x/b.png"]) == ["a", "b"]
   assert segment.output_stems(["a/photo.jpg", "b/photo.jpg"]) == ["a/photo", "b/photo"]
@@ -142,6 +183,7 @@ USAGE_CASES = {
     "prompt_without_prompt": (["--mode", "prompt"], "--point"),
     "bad_grid": (["--mode", "amg", "--points-per-side", "0"], "--points-per-side"),
     "missing_checkpoint": (["--checkpoint", "nope.safetensors"], "nope.safetensors"),
+    "overwrite_and_skip": (["--overwrite", "--skip-existing"], "--skip-existing"),
 }
 
 

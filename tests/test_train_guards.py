@@ -42,6 +42,38 @@ def test_total_steps_zero_is_a_usage_error(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+TRAIN_MISTAKES = {  # flags -> what the one error line names
+    "no_config": (["--workdir", "W"], "--config is required"),
+    "missing_config_file": (["--config", "nosuch_cfg.py", "--workdir", "W"], "nosuch_cfg.py"),
+    "config_syntax_error": (["--config", "BAD", "--workdir", "W"], "line 1"),
+    "unknown_field": (["--config", "CFG", "--workdir", "W", "--config.data.nosuch=1"],
+                      "--config.data.nosuch"),
+    "bad_value": (["--config", "CFG", "--workdir", "W", "--config.batch_size=abc"],
+                  "--config.batch_size=abc"),
+    "unknown_flag": (["--config", "CFG", "--workdir", "W", "--nosuchflag"], "nosuchflag"),
+    "no_workdir": (["--config", "CFG"], "--workdir is required"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_MISTAKES))
+def test_flag_mistakes_are_one_line_exit_2(case, tmp_path):
+  """Ordinary mistakes on the command line: one `train: error:` line naming the
+  flag or file, exit 2, no traceback, nothing written (absl printed two lines
+  and exited 1; a config file it could not load was a traceback)."""
+  (tmp_path / "bad_cfg.py").write_text("def get_config(:\n")
+  subs = {"W": str(tmp_path / "w"), "BAD": str(tmp_path / "bad_cfg.py"),
+          "CFG": os.path.join(REPO, "configs", "coco_tiny.py")}
+  args, named = TRAIN_MISTAKES[case]
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "aopsam_jax.train", *[subs.get(a, a) for a in args]],
+                        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == error_lines(proc.stderr), proc.stderr[-2000:]
+  assert len(error_lines(proc.stderr)) == 1 and named in proc.stderr, proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
 def test_second_run_in_a_locked_workdir_exits_at_once(tmp_path):
   w = tmp_path / "w"
   w.mkdir()
