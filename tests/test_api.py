@@ -41,3 +41,22 @@ print("ok")
 """
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_build_model_takes_a_model_type_name():
+  """build_model("vit_tiny_test") is build_model(get_sam_config("vit_tiny_test"))
+  (same seed, same weights); an unknown name or a wrong type is a clear error."""
+  import numpy as np
+  import pytest
+  from flax import nnx
+
+  by_name = aopsam_jax.build_model("vit_tiny_test", seed=3)
+  by_cfg = aopsam_jax.build_model(aopsam_jax.get_sam_config("vit_tiny_test"), seed=3)
+  a, b = nnx.to_flat_state(nnx.state(by_name)), nnx.to_flat_state(nnx.state(by_cfg))
+  assert [p for p, _ in a] == [p for p, _ in b] and len(a) > 50
+  for (_, va), (_, vb) in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(va[...]), np.asarray(vb[...]))
+  with pytest.raises(ValueError, match="vit_x.*vit_b"):
+    aopsam_jax.build_model("vit_x")
+  with pytest.raises(TypeError, match="SamConfig or a model type"):
+    aopsam_jax.build_model(3)

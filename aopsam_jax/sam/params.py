@@ -15,14 +15,14 @@ import functools
 import hashlib
 import os
 import re
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig, TinyViTConfig
+from aopsam_jax.sam.config import SAM_CONFIGS, SamConfig, TinyViTConfig, get_sam_config
 from aopsam_jax.sam.flat_state import flat_params, load_flat_params, variable_value
 from aopsam_jax.sam.modeling import Sam
 
@@ -482,13 +482,19 @@ def params_into_model(model: Sam, params: Mapping[str, np.ndarray]) -> Sam:
   return load_flat_params(model, params, error=CheckpointError, dtype=jnp.float32)
 
 
-def build_model(cfg: SamConfig, params: Optional[Mapping[str, np.ndarray]] = None, *,
-                dtype=None, seed: int = 0) -> Sam:
-  """A Sam with the given flat params, or random-init when params is None.
+def build_model(cfg: Union[SamConfig, str], params: Optional[Mapping[str, np.ndarray]] = None,
+                *, dtype=None, seed: int = 0) -> Sam:
+  """A Sam of `cfg` (a SamConfig, or a model type such as "vit_b") with the
+  given flat params, or random-init when params is None.
 
   With params, the model is built abstractly (`nnx.eval_shape`) and filled, so
   no random init runs: no op-by-op compile, no second copy of the weights.
   """
+  if isinstance(cfg, str):
+    cfg = get_sam_config(cfg)
+  elif not isinstance(cfg, SamConfig):
+    raise TypeError(f"build_model takes a SamConfig or a model type "
+                    f"({', '.join(sorted(SAM_CONFIGS))}), not {type(cfg).__name__}")
   if params is None:
     return Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype)
   model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
