@@ -324,14 +324,47 @@ def predictor_metadata(config, pp_cfg, fingerprint) -> dict:
   return meta
 
 
+class TrainingInterrupted(Exception):
+  """Ctrl-C stopped the run at a step boundary, after checkpointing that step."""
+
+
+class StopOnInterrupt:
+  """The first Ctrl-C (SIGINT) asks the loop to stop after the current step,
+  which is checkpointed first; a second one interrupts at once.  A plain
+  KeyboardInterrupt mid-step would lose the steps since the last checkpoint
+  (and the donated train state).  Single-process runs only: one process of a
+  multi-process run stopping alone would leave the others waiting."""
+
+  def __init__(self, enabled: bool, write):
+    self.enabled, self.write, self.requested, self.previous = enabled, write, False, None
+
+  def __enter__(self):
+    import signal
+    import threading
+    if self.enabled and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    import signal
+    self.requested = True
+    signal.signal(signal.SIGINT, self.previous)
+    self.write("Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: stop now)")
+
+  def __exit__(self, *exc):
+    import signal
+    if self.previous is not None:
+      signal.signal(signal.SIGINT, self.previous)
+
+
 def train_loop(config, data: Data, m: Model, state, start: int, mesh, mngr, writer, run_eval):
   """Steps start..total_steps with logging, checkpoints and evaluations.
-  -> (state, last logged train metrics, last evaluation or {})."""
+  -> (state, last logged train metrics, last evaluation or {}).  Ctrl-C:
+  `TrainingInterrupted` after checkpointing the step it stopped at."""
   import jax
   from tqdm import tqdm
 
-  from aopsam_jax.trainer import steps
-  total, gbatch = config.total_steps, config.batch_size
+  total = config.total_steps
   is_main = jax.process_index() == 0
   train_step = m.train_step
   if is_main:
@@ -340,27 +373,46 @@ def train_loop(config, data: Data, m: Model, state, start: int, mesh, mngr, writ
                                                    write=lambda line: tqdm.write(line))
   bar = tqdm(total=total, initial=start, disable=not is_main, desc="train", dynamic_ncols=True)
   t0, n0, last, res = time.perf_counter(), start, {}, {}
-  for step in range(start, total):
-    batch = next(data.train_iter)
-    batch.pop("image_id")
-    state, metrics = train_step(state, steps.to_global(mesh, batch), m.enc_state)
-    done = step + 1
-    if done % config.log_every == 0 or done == total:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      rate = (done - n0) / max(time.perf_counter() - t0, 1e-9)
-      metrics.update(lr=float(m.sched(done - 1)), steps_per_s=rate, images_per_s=rate * gbatch)
-      writer.write("train", done, metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate * gbatch:.2f}")
-      t0, n0, last = time.perf_counter(), done, metrics
-    bar.update(1)
-    if done % config.ckpt_every == 0 or done == total:
-      save_checkpoint(mngr, done, state, data.train_iter, force=done == total)
-    if (config.eval_every and done % config.eval_every == 0) or done == total:
-      res = run_eval(state, done)
-      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())
-                                             if k.endswith(("recall", "loss", "precision"))))
+  with StopOnInterrupt(jax.process_count() == 1, bar.write) as stop:
+    for step in range(start, total):
+      state, last, res, t0, n0 = _one_step(config, data, m, train_step, state, step, mesh, mngr,
+                                           writer, run_eval, bar, (last, res, t0, n0))
+      if stop.requested and step + 1 < total:
+        if (step + 1) % config.ckpt_every:
+          save_checkpoint(mngr, step + 1, state, data.train_iter, force=True)
+        mngr.wait_until_finished()
+        bar.close()
+        raise TrainingInterrupted(f"stopped at step {step + 1} of {total} (Ctrl-C), with a "
+                                  "checkpoint there: run the same command to resume")
   bar.close()
   return state, last, res
+
+
+def _one_step(config, data: Data, m: Model, train_step, state, step: int, mesh, mngr, writer,
+              run_eval, bar, carry):
+  """One train step with its logging, checkpoint and evaluation."""
+  from aopsam_jax.trainer import steps
+  last, res, t0, n0 = carry
+  total, gbatch = config.total_steps, config.batch_size
+  batch = next(data.train_iter)
+  batch.pop("image_id")
+  state, metrics = train_step(state, steps.to_global(mesh, batch), m.enc_state)
+  done = step + 1
+  if done % config.log_every == 0 or done == total:
+    metrics = {k: float(v) for k, v in metrics.items()}
+    rate = (done - n0) / max(time.perf_counter() - t0, 1e-9)
+    metrics.update(lr=float(m.sched(done - 1)), steps_per_s=rate, images_per_s=rate * gbatch)
+    writer.write("train", done, metrics)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate * gbatch:.2f}")
+    t0, n0, last = time.perf_counter(), done, metrics
+  bar.update(1)
+  if done % config.ckpt_every == 0 or done == total:
+    save_checkpoint(mngr, done, state, data.train_iter, force=done == total)
+  if (config.eval_every and done % config.eval_every == 0) or done == total:
+    res = run_eval(state, done)
+    bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())
+                                           if k.endswith(("recall", "loss", "precision"))))
+  return state, last, res, t0, n0
 
 
 def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 6) -> str:
@@ -401,6 +453,11 @@ def main(argv):
     _exit(2, str(e))
   except (WorkError, WorkdirBusy, DatasetError) as e:
     _exit(1, str(e))
+  except TrainingInterrupted as e:
+    _exit(130, str(e), "interrupted")
+  except KeyboardInterrupt:
+    _exit(130, "stopped by Ctrl-C; the checkpoints already written stay (run the same command "
+               "to resume from the latest)", "interrupted")
 
 
 def parse_flags(argv):
@@ -431,10 +488,10 @@ def parse_flags(argv):
   return rest
 
 
-def _exit(status: int, message: str):
+def _exit(status: int, message: str, kind: str = "error"):
   """One line on stderr, then exit (absl's own UsageError prints the whole help)."""
   import sys
-  print(f"train: error: {message}", file=sys.stderr)
+  print(f"train: {kind}: {message}", file=sys.stderr)
   sys.exit(status)
 
 

@@ -95,6 +95,44 @@ def test_train_runs_and_resumes(synth):
   np.testing.assert_allclose(_losses(wb), loss, rtol=1e-6)  # steps 3..6 rewritten identically
 
 
+def test_ctrl_c_checkpoints_the_step_and_resumes_exactly(synth, monkeypatch):
+  """Ctrl-C (SIGINT) during step 3 of 6 with no checkpoint due before step 100:
+  the run stops after step 3 with a checkpoint there (the steps are not lost),
+  and re-running finishes with the same weights as an uninterrupted run."""
+  import dataclasses
+  import signal
+
+  from aopsam_jax import train
+  root, tmp = synth
+  cfg = lambda: make_config(root, tmp, ckpt_every=100)  # noqa: E731
+  ref = os.path.join(tmp, "ctrl_c_ref")
+  train.train_and_evaluate(cfg(), ref)
+  real_setup, calls = train.setup_model, []
+
+  def setup_with_ctrl_c(*a, **k):
+    m, state = real_setup(*a, **k)
+
+    def step(*args):
+      calls.append(1)
+      if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the step runs
+      return m.train_step(*args)
+    return dataclasses.replace(m, train_step=step), state
+  w = os.path.join(tmp, "ctrl_c")
+  with monkeypatch.context() as mp:
+    mp.setattr(train, "setup_model", setup_with_ctrl_c)
+    with pytest.raises(train.TrainingInterrupted, match="stopped at step 3 of 6"):
+      train.train_and_evaluate(cfg(), w)
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["3"]
+  assert len(_losses(w)) == 3 and not os.path.exists(os.path.join(w, "predictor"))
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+  train.train_and_evaluate(cfg(), w)
+  pa, pb = _params(ref), _params(w)
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+  np.testing.assert_allclose(_losses(w), _losses(ref), rtol=1e-6)
+
+
 def test_online_embeddings_match_cache(synth):
   """`embeddings='online'` (SAM encoder inside the jitted step) trains on the
   same inputs as the on-disk cache: same loss curve.  No augmentation here:
