@@ -57,8 +57,9 @@ def error_line(prog: str, err: BaseException) -> str:
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]],
-             prog: str) -> int:
-  """`main(argv)` with `UsageError` -> exit 2 and `WorkError` -> exit 1, each as one line."""
+             prog: str, resume_hint: str = "") -> int:
+  """`main(argv)` with `UsageError` -> exit 2 and `WorkError` -> exit 1, each as one line;
+  Ctrl-C -> exit 130 with one line (and `resume_hint`: how to finish the work)."""
   try:
     with warnings.catch_warnings():
       warnings.showwarning = _one_line_warning(prog)
@@ -70,7 +71,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
     print(error_line(prog, e), file=sys.stderr)
     return EXIT_FAILED
   except KeyboardInterrupt:
-    print(f"{prog}: interrupted", file=sys.stderr)
+    print(f"{prog}: interrupted" + (f"; {resume_hint}" if resume_hint else ""), file=sys.stderr)
     return 130
 
 

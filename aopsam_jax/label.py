@@ -277,7 +277,8 @@ def _report(stats: Stats, counts: Dict[str, int], pcount: int, out: str, weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return cli.run_main(_main, argv, "python -m aopsam_jax.label")
+  return cli.run_main(_main, argv, "python -m aopsam_jax.label",
+                      "run the same command again to resume")
 
 
 def _setup(args):

@@ -588,7 +588,8 @@ def random_init_banner(mode: str, model_type: Optional[str]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   from aopsam_jax.cli import run_main
-  return run_main(_main, argv, "segment")
+  return run_main(_main, argv, "segment", "every result written so far is complete: add "
+                  "--skip-existing to the same command to do the rest")
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

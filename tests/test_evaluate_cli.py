@@ -138,17 +138,3 @@ def test_existing_report_needs_overwrite_and_default_name(tmp_path, capsys, monk
   assert again["dataset"]["images"] == 1 and first["dataset"]["images"] == 2
   assert not list(tmp_path.glob("*.partial"))
 
-
-def test_warnings_are_one_line(capsys):
-  """run_main prints a Python warning as one `prog: warning:` line, without
-  the source file and line Python's default format adds."""
-  import warnings
-
-  from aopsam_jax.cli import run_main
-
-  def main(argv):
-    warnings.warn("weights are RANDOM;\n  masks are meaningless", UserWarning, stacklevel=2)
-    return 0
-  assert run_main(main, [], "prog") == 0
-  err = capsys.readouterr().err
-  assert err == "prog: warning: weights are RANDOM; masks are meaningless\n", err
