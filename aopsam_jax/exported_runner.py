@@ -63,9 +63,18 @@ class ExportedProgram:
 
 
 def load(path: str) -> ExportedProgram:
+  """Read an artefact; ValueError when `path` is not one (OSError when unreadable)."""
   from jax import export
-  with zipfile.ZipFile(path) as z:
-    meta = json.loads(z.read("meta.json"))
+  try:
+    z = zipfile.ZipFile(path)
+  except zipfile.BadZipFile:
+    raise ValueError(f"{path}: not an {FORMAT} artefact (not a zip file; make one with "
+                     "python -m aopsam_jax.export)") from None
+  with z:
+    try:
+      meta = json.loads(z.read("meta.json"))
+    except (KeyError, ValueError):
+      meta = {}
     if meta.get("format") != FORMAT:
       raise ValueError(f"{path}: not an {FORMAT} artefact")
     exported = export.deserialize(bytearray(z.read("program.bin")))
@@ -77,17 +86,29 @@ def load(path: str) -> ExportedProgram:
 
 
 def main(argv=None) -> int:
+  """Exit status 0: masks printed; 1: the program or the image could not be
+  read; 2: wrong arguments.  Each failure is one line."""
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) != 2:
     print("usage: python exported_runner.py PROGRAM.bin IMAGE", file=sys.stderr)
     return 2
   from PIL import Image
-  prog = load(argv[0])
-  padded, ihw, ohw = prepare(np.asarray(Image.open(argv[1]).convert("RGB")), prog.img_size)
+  try:
+    prog = load(argv[0])
+    with Image.open(argv[1]) as im:
+      image = np.asarray(im.convert("RGB"))
+  except (OSError, ValueError) as e:  # missing file, not an artefact, not an image
+    print(f"exported_runner: error: {e}", file=sys.stderr)
+    return 1
+  padded, ihw, ohw = prepare(image, prog.img_size)
   rep = lambda a: np.repeat(a[None], prog.batch, axis=0)
   out = prog(rep(padded), rep(ihw), rep(ohw))
   ok = np.asarray(out["valid"][0])
-  print(f"{int(ok.sum())} masks; predicted IoU {np.round(out['iou'][0][ok], 3).tolist()}; "
+  if prog.meta.get("random_sam"):
+    print("note: this program holds RANDOM-INIT SAM weights: its masks are meaningless",
+          file=sys.stderr)
+  ious = ", ".join(f"{v:.3f}" for v in np.asarray(out["iou"][0])[ok])
+  print(f"{int(ok.sum())} masks; predicted IoU [{ious}]; "
         f"boxes XYXY {np.round(out['boxes'][0][ok]).astype(int).tolist()}")
   return 0
 

@@ -9,6 +9,7 @@ some weight arithmetic when the weights are constants: ~1e-8 differences)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -105,3 +106,26 @@ def test_artefact_metadata(artefacts):
   assert meta["random_sam"] is True and meta["asf"]["max_masks"] == CFG.max_masks
   with zipfile.ZipFile(paths[0]) as z:
     assert "weights.npz" not in z.namelist()
+
+
+def test_runner_command_line(artefacts, tmp_path):
+  """`python exported_runner.py PROG IMAGE` alone (no aopsam_jax on the path):
+  prints the masks and says the weights are random; a file that is not an
+  artefact, a missing image or a wrong argument count is one line, no traceback."""
+  _, paths, _ = artefacts
+  env = dict(os.environ, PYTHONPATH="")
+
+  def run(*args):
+    return subprocess.run([sys.executable, RUNNER, *map(str, args)], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=900)
+  p = run(paths[1], sample_image_path())
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert re.fullmatch(r"\d+ masks; predicted IoU \[[0-9., -]*\]; boxes XYXY \[.*\]\n", p.stdout)
+  assert "RANDOM-INIT" in p.stderr
+  (tmp_path / "notes.bin").write_text("not a program")
+  for args, named, status in (((tmp_path / "notes.bin", sample_image_path()), "notes.bin", 1),
+                              ((paths[1], tmp_path / "missing.jpg"), "missing.jpg", 1),
+                              ((paths[1],), "usage", 2)):
+    p = run(*args)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == status and len(lines) == 1 and named in lines[0], p.stderr[-2000:]
