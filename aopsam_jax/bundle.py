@@ -54,7 +54,26 @@ def build_parser():
   p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                  help="metadata entry stored in bundle.json (repeatable), e.g. --meta train_steps=400")
   p.add_argument("--out", required=True, help="bundle directory to write")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out directory (without it, one stops the run "
+                      "before any work)")
   return p
+
+
+def write_dir_atomic(path: str, write) -> None:
+  """`write(tmp)` into `<path>.partial`, then swap it in for `path`: an
+  interrupted run leaves the old bundle (or none), never a mix of two."""
+  import shutil
+  tmp, old = path + ".partial", f"{path}.old-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    write(tmp)
+    if os.path.exists(path):
+      os.replace(path, old)
+    os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -77,8 +96,13 @@ def _main(argv) -> int:
       and a.sam_checkpoint not in CHECKPOINT_NAMES:
     raise UsageError(f"--sam-checkpoint {a.sam_checkpoint}: no such file or directory, nor a "
                      f"checkpoint name ({', '.join(CHECKPOINT_NAMES)})")
+  a.out = os.path.normpath(a.out)
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     raise UsageError(f"--out {a.out} is an existing file; give a directory")
+  if os.path.isdir(a.out) and os.listdir(a.out) and not a.overwrite:
+    what = "a bundle" if os.path.exists(os.path.join(a.out, "bundle.json")) else "not empty"
+    raise UsageError(f"--out {a.out} already exists ({what}); pass --overwrite to replace it or "
+                     "choose another --out")
   try:
     asf_cfg = asf_from_dict({**dataclasses.asdict(AsfConfig()), **over})
   except (TypeError, ValueError) as e:
@@ -98,8 +122,9 @@ def _main(argv) -> int:
   except (OSError, ValueError) as e:  # CheckpointError is a ValueError
     raise WorkError(str(e)) from None
   try:
-    save_bundle(a.out, sam, predictor, asf_cfg, random_init=random_init, notes=a.notes,
-                metadata=meta, trained_fingerprint=trained)
+    write_dir_atomic(a.out, lambda tmp: save_bundle(
+        tmp, sam, predictor, asf_cfg, random_init=random_init, notes=a.notes, metadata=meta,
+        trained_fingerprint=trained))
   except EncoderMismatch as e:
     raise WorkError(f"{a.predictor}: {e}") from None
   sam_desc = f"{a.sam_random[0]}:{a.sam_random[1]} (random)" if a.sam_random else a.sam_checkpoint

@@ -15,6 +15,7 @@ from PIL import Image
 
 from aopsam_jax import bundle as bundle_cli
 from aopsam_jax.aop import bundle as bundle_lib
+from aopsam_jax.aop.asf import AsfConfig
 from aopsam_jax import segment
 from aopsam_jax.sam.flat_state import count_params
 from tests.reference import shared_data_dir
@@ -107,6 +108,16 @@ def test_bundle_cli_packages_a_training_run(tmp_path, capsys):
   b = bundle_lib.load_bundle(str(out), quiet=True)
   assert (b.asf.k_coarse, b.asf.nms_thresh) == (8, 0.5)
   assert b.meta["metadata"]["train_steps"] == 7
+  capsys.readouterr()
+  # an existing bundle is kept unless --overwrite; replaced whole, no temporary left
+  again = ["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out", str(out)]
+  assert bundle_cli.main(again) == 2
+  err = capsys.readouterr().err
+  assert "already exists (a bundle)" in err and "--overwrite" in err and len(err.splitlines()) == 1
+  assert bundle_lib.load_bundle(str(out), quiet=True).asf.k_coarse == 8
+  assert bundle_cli.main(again + ["--overwrite"]) == 0
+  assert bundle_lib.load_bundle(str(out), quiet=True).asf.k_coarse == AsfConfig().k_coarse
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
   capsys.readouterr()
   assert bundle_cli.main(["--predictor", pred_dir, "--sam-random", "vit_tiny_test:0", "--out",
                           str(tmp_path / "c"), "--asf", "no_such_field=1"]) == 2
