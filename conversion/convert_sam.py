@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="input: official .pth, HF .safetensors / .bin / .index.json, HF model dir, "
                        "or a name (" + ", ".join(C.NAMES) + ")")
   ap.add_argument("--out", "-o", required=True, help="output .safetensors path")
+  ap.add_argument("--overwrite", action="store_true",
+                  help="replace an existing --out file (without it, one stops the run before "
+                       "any reading)")
   ap.add_argument("--model-type", default="auto", choices=MODEL_TYPES,
                   help="optional assertion: fail unless the weights are this architecture; "
                   "'auto' (default) accepts what the tensor shapes say (also non-standard sizes)")
@@ -112,6 +115,8 @@ def check_paths(args) -> Optional[str]:
   if os.path.isdir(src) and os.path.abspath(out).startswith(os.path.abspath(src) + os.sep) \
       and os.path.basename(out) in C.DIR_CANDIDATES:
     return f"--out {out} would replace one of the checkpoint's own files; choose another --out"
+  if os.path.exists(out) and not args.overwrite:
+    return f"--out {out} exists; pass --overwrite to replace it or choose another --out"
   out_dir = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(out_dir):
     return f"--out {out}: output directory {out_dir} does not exist; create it first"

@@ -394,3 +394,21 @@ def test_library_runs_without_torch(tiny, tmp_path, capsys):
   from tests.reference import rel_err
   assert rel_err(got["low"], low_t[0]) < 1e-4
   assert rel_err(got["iou"], iou_t[0]) < 1e-4
+
+
+def test_existing_out_needs_overwrite(tiny, tmp_path, capsys):
+  """A converted file is not replaced silently: exit 2 before reading, one line;
+  with --overwrite it is rewritten (same tensors)."""
+  pth = tiny[2]
+  ref = convert_sam.convert_checkpoint(pth)[1]
+  out = tmp_path / "sam.safetensors"
+  assert run_cli(["-c", pth, "-o", out, "-q"], capsys)[0] == 0
+  before = out.stat().st_mtime_ns
+  rc, _, err = run_cli(["-c", tmp_path / "does_not_matter.pth", "-o", out], capsys)
+  assert rc == 2 and "does_not_matter.pth" in err  # the missing input is named first
+  rc, _, err = run_cli(["-c", pth, "-o", out, "-q"], capsys)
+  assert rc == 2 and len(err.strip().splitlines()) == 1 and "--overwrite" in err, err
+  assert out.stat().st_mtime_ns == before
+  assert run_cli(["-c", pth, "-o", out, "-q", "--overwrite"], capsys)[0] == 0
+  _, flat, _ = P.read_converted(str(out))
+  assert set(flat) == set(ref) and all(np.array_equal(flat[k], ref[k]) for k in ref)

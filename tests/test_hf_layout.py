@@ -232,7 +232,7 @@ def test_save_pretrained_converts_identically(official, tmp_path):
   for src in (single, single / "model.safetensors", sharded,
               sharded / "model.safetensors.index.json"):
     out = tmp_path / "out.safetensors"
-    assert convert_sam.main(["-c", str(src), "-o", str(out), "-q"]) == 0, src
+    assert convert_sam.main(["-c", str(src), "-o", str(out), "-q", "--overwrite"]) == 0, src
     _, flat, meta = P.read_converted(str(out))
     assert meta["source_layout"] == "hf"
     _assert_same_params(flat, official[2])
