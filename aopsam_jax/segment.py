@@ -608,6 +608,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_EXTS)})")
   stems = output_stems(paths)
   check_out(args.out, stems, args.overwrite, args.skip_existing)
+  subdirs = [d for d in subdirs if os.path.abspath(d) != os.path.abspath(args.out)]
   if subdirs:
     print(f"note: {len(subdirs)} subfolder(s) not searched (e.g. {subdirs[0]}): segment reads the "
           "images directly in a named folder; name subfolders too, or label whole trees with "

@@ -336,13 +336,17 @@ class StopOnInterrupt:
   multi-process run stopping alone would leave the others waiting."""
 
   def __init__(self, enabled: bool, write):
-    self.enabled, self.write, self.requested, self.previous = enabled, write, False, None
+    self.enabled, self.write, self.requested, self.installed = enabled, write, False, False
+    self.previous = None
 
   def __enter__(self):
     import signal
     import threading
     if self.enabled and threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGINT, self._handle)
+      previous = signal.getsignal(signal.SIGINT)
+      self.previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python
+      signal.signal(signal.SIGINT, self._handle)
+      self.installed = True
     return self
 
   def _handle(self, signum, frame):
@@ -353,7 +357,7 @@ class StopOnInterrupt:
 
   def __exit__(self, *exc):
     import signal
-    if self.previous is not None:
+    if self.installed:
       signal.signal(signal.SIGINT, self.previous)
 
 
