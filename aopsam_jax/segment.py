@@ -632,8 +632,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(random_init_banner(args.mode, args.model_type), file=sys.stderr)
   if session.thresholds:
     print(f"thresholds: {describe_thresholds(session.thresholds)}", file=sys.stderr)
-  written, failed = segment_all(args, session, paths, stems, set(done))
-  return report(args.out, written, failed, len(done))
+  written, failed, empty = segment_all(args, session, paths, stems, set(done))
+  return report(args.out, written, failed, len(done), empty)
 
 
 def program_name(args) -> str:
@@ -648,12 +648,12 @@ def program_name(args) -> str:
 
 
 def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[str],
-                done: frozenset = frozenset()) -> Tuple[int, List[Tuple[str, str]]]:
+                done: frozenset = frozenset()) -> Tuple[int, List[Tuple[str, str]], int]:
   """Segment every input but those whose index is in `done`; a bad file is
   reported in one line and skipped.  Returns (images written, [(path,
-  reason)] of those that failed)."""
+  reason)] of those that failed, images written with no mask)."""
   from tqdm import tqdm
-  written, failed = 0, []
+  written, failed, empty = 0, [], 0
   todo = [(i, path, stem) for i, (path, stem) in enumerate(zip(paths, stems)) if i not in done]
   for i, path, stem in tqdm(todo, desc=f"segment ({args.mode})", unit="img"):
     try:
@@ -676,9 +676,10 @@ def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[st
     written += 1
     tqdm.write(f"{path}: {len(records)} masks in {secs:.1f}s")
     if not records:
+      empty += 1
       tqdm.write(f"  {extra.get('diagnosis', '0 masks: every mask was filtered out')}",
                  file=sys.stderr)
-  return written, failed
+  return written, failed, empty
 
 
 def write_outputs(args, session: Session, path: str, index: int, stem: str, image: np.ndarray,
@@ -705,15 +706,22 @@ def write_outputs(args, session: Session, path: str, index: int, stem: str, imag
       labels=extra.get("labels"), boxes=extra.get("boxes"), title=title))
 
 
-def report(out: str, written: int, failed: Sequence[Tuple[str, str]], kept: int = 0) -> int:
-  """The closing summary; exit status 1 when any input failed."""
+def report(out: str, written: int, failed: Sequence[Tuple[str, str]], kept: int = 0,
+           empty: int = 0) -> int:
+  """The closing summary; exit status 1 when any input failed or when no
+  image written has a single mask (nothing was produced)."""
+  nothing = written > 0 and empty == written
   print(f"segment: {written} image(s) written to {out}"
+        + (f" ({empty} with no mask)" if empty else "")
         + (f", {kept} already there (kept)" if kept else "")
         + f", {len(failed)} failed" + (":" if failed else ""),
-        file=sys.stderr if failed else sys.stdout)
+        file=sys.stderr if failed or nothing else sys.stdout)
   for _, reason in failed:
     print(f"  {reason}", file=sys.stderr)
-  return 1 if failed else 0
+  if nothing:
+    print("segment: no masks at all, in any image (the line under each image says why)",
+          file=sys.stderr)
+  return 1 if failed or nothing else 0
 
 
 if __name__ == "__main__":

@@ -84,8 +84,12 @@ def test_embedding_predictor_refuses_another_encoder(tmp_path, capsys):
                      "--out", str(tmp_path / "o1")])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc == 1 and "another image encoder" in err[-1] and "--force-encoder" in err[-1]
-  assert segment.main([str(img), "--bundle", str(bdir), "--checkpoint", str(ck), "--force-encoder",
-                       "--out", str(tmp_path / "o2")]) == 0
+  rc = segment.main([str(img), "--bundle", str(bdir), "--checkpoint", str(ck), "--force-encoder",
+                     "--out", str(tmp_path / "o2")])
+  # it ran (a random predictor places no prompt here: said, and exit status 1 for "nothing")
+  assert json.load(open(tmp_path / "o2" / "img.json")) == []
+  err = capsys.readouterr().err
+  assert rc == 1 and "no prompt above its heatmap thresholds" in err and "no masks at all" in err
 
 
 def test_zero_masks_are_explained(tiny_pth, tmp_path, capsys):
@@ -94,9 +98,10 @@ def test_zero_masks_are_explained(tiny_pth, tmp_path, capsys):
   img = tmp_path / "img.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 80, 3), np.uint8)).save(img)
   rc = segment.main([str(img), "--checkpoint", tiny_pth, "--out", str(tmp_path / "o")])
-  assert rc == 0
+  assert rc == 1  # nothing produced
   assert json.load(open(tmp_path / "o" / "img.json")) == []
   err = capsys.readouterr().err
+  assert err.splitlines()[-1].startswith("segment: no masks at all")
   line = next(ln for ln in err.splitlines() if "0 masks:" in ln)
   import re
   m = re.search(r"0 masks: (\d+) prompts decoded into (\d+) candidate masks; removed by "

@@ -89,13 +89,13 @@ def test_aop_uses_the_bundle_thresholds_unless_overridden(tmp_path, capsys):
   Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 128, 3), np.uint8)).save(img)
   image = load_image(str(img))
 
-  def run(*extra):
+  def run(*extra, status=0):
     out = tmp_path / f"out{len(extra)}"
-    assert segment.main([str(img), "--bundle", str(bdir), "--out", str(out), *extra]) == 0
+    assert segment.main([str(img), "--bundle", str(bdir), "--out", str(out), *extra]) == status
     return json.load(open(out / "a.json")), capsys.readouterr().err
 
-  res, err = run()
-  assert res == []
+  res, err = run(status=1)  # nothing produced: said, and the exit status says it too
+  assert res == [] and "(1 with no mask)" in err and "no masks at all" in err.splitlines()[-1]
   assert "pred_iou_thresh=5 (bundle)" in err and "stability_score_thresh=0.125 (bundle)" in err
   assert "RANDOM-INIT" not in err  # the bundle's weights are saved, not random-init
   assert len(AopMaskGenerator(bundle_lib.load_bundle(str(bdir))).generate(image)) == 0
