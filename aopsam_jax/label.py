@@ -284,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _setup(args):
   """-> (items, AopModel, ShardStore, entries already done)."""
   from aopsam_jax import segment
-  items = store.collect_items(args.inputs)
+  items = store.collect_items(args.inputs, args.out)
   cli.init_distributed(args)
   compile_cache.setup(args.no_compile_cache)
   try:

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from aopsam_jax.cli import UsageError
 
@@ -41,10 +41,13 @@ class Item:
 # --- inputs --------------------------------------------------------------------
 
 
-def _walk(root: str) -> List[str]:
+def _walk(root: str, skip: Optional[str] = None) -> List[str]:
+  """Image files under root, sorted; the folder `skip` (the run's --out, whose
+  overlays must not become inputs of the next run) is not entered."""
   out = []
+  skip = os.path.realpath(skip) if skip else None
   for d, dirs, files in os.walk(root, followlinks=True):
-    dirs.sort()
+    dirs[:] = sorted(x for x in dirs if os.path.realpath(os.path.join(d, x)) != skip)
     out.extend(os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS))
   return out
 
@@ -66,8 +69,9 @@ def _coco_items(json_path: str, roots: Sequence[str]) -> List[Item]:
   return items
 
 
-def collect_items(inputs: Sequence[str]) -> List[Item]:
-  """INPUT arguments -> items sorted by image id (UsageError on bad inputs)."""
+def collect_items(inputs: Sequence[str], out: Optional[str] = None) -> List[Item]:
+  """INPUT arguments -> items sorted by image id (UsageError on bad inputs);
+  folders are walked without entering `out`."""
   for p in inputs:
     if not os.path.exists(p):
       raise UsageError(f"no such image, folder or COCO json: {p}")
@@ -80,7 +84,7 @@ def collect_items(inputs: Sequence[str]) -> List[Item]:
   else:
     seen, items = set(), []
     for p in inputs:
-      found = [(f, os.path.relpath(f, p)) for f in _walk(p)] if os.path.isdir(p) \
+      found = [(f, os.path.relpath(f, p)) for f in _walk(p, out)] if os.path.isdir(p) \
           else [(p, os.path.basename(p))]
       for path, name in found:
         path = os.path.abspath(path)

@@ -322,6 +322,15 @@ def collect_images(paths: Sequence[str], subdirs: Optional[List[str]] = None) ->
   return out
 
 
+def drop_own_overlays(paths: Sequence[str], out: str) -> Tuple[List[str], int]:
+  """(paths without the *_overlay.png files inside `out`, how many were dropped):
+  with --out in an input folder, a re-run must not segment its own overlays."""
+  root = os.path.realpath(out) + os.sep
+  keep = [p for p in paths if not (os.path.realpath(p).startswith(root)
+                                    and p.endswith("_overlay.png"))]
+  return keep, len(paths) - len(keep)
+
+
 def output_stems(paths: Sequence[str]) -> List[str]:
   """Output name (without suffix) of each input; distinct for distinct inputs.
 
@@ -604,6 +613,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
   else:
     from aopsam_jax.sam.image_io import sample_image_path
     paths = [sample_image_path()]
+  paths, ours = drop_own_overlays(paths, args.out)
+  if ours:
+    print(f"note: {ours} overlay(s) in --out {args.out} (*_overlay.png, written by segment) are "
+          "not taken as inputs", file=sys.stderr)
   if not paths:
     raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_EXTS)})")
   stems = output_stems(paths)

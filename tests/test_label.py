@@ -186,6 +186,20 @@ def test_usage_errors_before_loading(tmp_path, capsys):
   assert not (tmp_path / "o").exists()
 
 
+def test_out_inside_the_input_folder_is_not_walked(tmp_path):
+  """`label photos --out photos/labels --overlays`: the overlays of one run are
+  not inputs of the next (the re-run would see other inputs and stop)."""
+  root = tmp_path / "photos"
+  (root / "sub").mkdir(parents=True)
+  (root / "labels" / "overlays").mkdir(parents=True)
+  for path in (root / "a.png", root / "sub" / "b.png", root / "labels" / "overlays" / "1_a.png"):
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(path)
+  names = lambda out: [it.file_name for it in label_store.collect_items([str(root)], out)]  # noqa: E731
+  assert names(str(root / "labels")) == ["a.png", "sub/b.png"]
+  assert names(str(root / "labels") + "/") == ["a.png", "sub/b.png"]
+  assert names(None) == ["a.png", "labels/overlays/1_a.png", "sub/b.png"]
+
+
 def test_coco_json_inputs(tmp_path):
   (tmp_path / "images").mkdir()
   Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "images" / "a.png")

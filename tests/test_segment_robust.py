@@ -143,6 +143,22 @@ def test_skip_existing_finishes_an_interrupted_run(messy):
   assert "4 already there (kept), 0 failed" in proc.stdout and not mods & HEAVY_MODULES
 
 
+def test_out_in_the_input_folder_does_not_feed_back(tmp_path):
+  """`segment photos --out photos`: the overlays written there by a run are not
+  inputs of the next one (with everything done, no model is even built)."""
+  _image(tmp_path / "a.png")
+  (tmp_path / "a.json").write_text("[]")
+  _image(tmp_path / "a_overlay.png", seed=7)
+  proc = run_cli([tmp_path, "--out", tmp_path, "--skip-existing"], importtime=True)
+  mods, lines = split_stderr(proc.stderr)
+  assert proc.returncode == 0, proc.stderr
+  assert any("1 overlay(s) in --out" in ln for ln in lines), lines
+  assert any(ln.startswith("--skip-existing: 1 of 1 image(s)") for ln in lines), lines
+  assert "1 already there (kept)" in proc.stdout and not mods & HEAVY_MODULES
+  assert segment.drop_own_overlays(["x/a.png", "x/a_overlay.png", "y/b_overlay.png"], "x") == \
+      (["x/a.png", "y/b_overlay.png"], 1)
+
+
 def test_subfolders_not_searched_are_named(tmp_path):
   (tmp_path / "in" / "deeper").mkdir(parents=True)
   _image(tmp_path / "in" / "top.png")
