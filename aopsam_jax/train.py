@@ -60,6 +60,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process (with --coordinator_address).")
 flags.DEFINE_bool("compile_cache", True, "Keep compiled programs on disk (aopsam_jax.compile_cache); "
                   "--nocompile_cache turns it off.")
+flags.DEFINE_bool("library_logs", False, "Also print the libraries' INFO logs (Orbax writes ~45 "
+                  "lines per checkpoint); by default only this program's and every WARNING.")
 
 
 @dataclasses.dataclass
@@ -438,10 +440,23 @@ def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 
   return io.plot_prompt_examples(os.path.join(workdir, "plots", "val_prompts.png"), examples)
 
 
+def quiet_library_logs() -> None:
+  """Keep INFO log lines from this package only (warnings and errors from all):
+  each Orbax checkpoint save logs ~45 INFO lines through absl, which scroll the
+  progress bar away."""
+  import logging as std_logging
+
+  package = os.path.dirname(os.path.abspath(__file__))
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= std_logging.WARNING or r.pathname.startswith(package))
+
+
 def main(argv):
   del argv
   import jax
   from aopsam_jax import compile_cache
+  if not FLAGS.library_logs:
+    quiet_library_logs()
   compile_cache.setup(not FLAGS.compile_cache)
   if FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,

@@ -161,3 +161,24 @@ def test_empty_validation_split_is_a_clear_error(tmp_path):
     train_and_evaluate(cfg, str(tmp_path / "w"))
   assert "\n" not in str(e.value)
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_library_info_logs_are_quiet_by_default():
+  """The train CLI keeps INFO lines of this package only (Orbax logs ~45 per
+  checkpoint save); warnings from every library still show."""
+  import logging as std
+
+  from absl import logging
+
+  from aopsam_jax import train
+  handler = logging.get_absl_handler()
+  before = list(handler.filters)
+  try:
+    train.quiet_library_logs()
+    record = lambda level, path: std.LogRecord("absl", level, path, 1, "m", None, None)  # noqa: E731
+    orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not handler.filter(record(std.INFO, orbax))
+    assert handler.filter(record(std.WARNING, orbax))
+    assert handler.filter(record(std.INFO, os.path.abspath(train.__file__)))
+  finally:
+    handler.filters[:] = before
