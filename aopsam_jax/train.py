@@ -440,6 +440,18 @@ def plot_examples(workdir, config, val_src, evaluator, last_peaks, count: int = 
   return io.plot_prompt_examples(os.path.join(workdir, "plots", "val_prompts.png"), examples)
 
 
+def next_steps(config, workdir: str) -> str:
+  """What a finished run wrote, and the command that packages it."""
+  w = os.path.abspath(os.path.expanduser(workdir))
+  sam = config.sam
+  source = (f"--sam-checkpoint {sam.checkpoint}" if sam.get("checkpoint")
+            else f"--sam-random {sam.model}:{sam.get('seed', 0)}")
+  return (f"train: done, {config.total_steps} steps. The predictor is in {w}/predictor; curves in "
+          f"{w}/plots/ (loss.png, val_prompts.png: the prompts on validation images); numbers "
+          f"in {w}/metrics.jsonl.\nPackage it for segment / label with: python -m "
+          f"aopsam_jax.bundle --predictor {w}/predictor {source} --out MY_BUNDLE")
+
+
 def quiet_library_logs() -> None:
   """Keep INFO log lines from this package only (warnings and errors from all):
   each Orbax checkpoint save logs ~45 INFO lines through absl, which scroll the
@@ -468,6 +480,8 @@ def main(argv):
   from aopsam_jax.trainer.workdir import ConfigMismatch, WorkdirBusy
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+      print(next_steps(FLAGS.config, FLAGS.workdir))
   except (UsageError, ConfigMismatch) as e:
     _exit(2, str(e))
   except (WorkError, WorkdirBusy, DatasetError) as e:

@@ -182,3 +182,15 @@ def test_library_info_logs_are_quiet_by_default():
     assert handler.filter(record(std.INFO, os.path.abspath(train.__file__)))
   finally:
     handler.filters[:] = before
+
+
+def test_next_steps_names_the_outputs_and_the_bundle_command(tmp_path):
+  from aopsam_jax.train import next_steps
+  cfg = make_config(str(tmp_path / "data"), str(tmp_path))
+  text = next_steps(cfg, str(tmp_path / "w"))
+  assert f"{tmp_path}/w/predictor" in text and "metrics.jsonl" in text and "val_prompts.png" in text
+  assert text.splitlines()[-1].endswith(
+      f"python -m aopsam_jax.bundle --predictor {tmp_path}/w/predictor --sam-random "
+      "vit_tiny_test:0 --out MY_BUNDLE")
+  cfg.sam.checkpoint = "sam_vit_b.safetensors"
+  assert "--sam-checkpoint sam_vit_b.safetensors --out" in next_steps(cfg, str(tmp_path / "w"))
