@@ -218,10 +218,25 @@ def setup_prompt(args) -> Session:
     order = np.argsort(-np.asarray(iou))
     records = _prompt_records(np.asarray(masks)[order], np.asarray(iou)[order], pts, image.shape)
     # overlay: the best mask only
-    return records, {"points": pts, "labels": labels,
+    return records, {"points": pts, "labels": labels, "warning": prompts_outside(pts, box, image),
                      "boxes": None if box is None else box[None], "overlay_top": 1}
 
   return Session(run, weights, args.checkpoint is None, {})
+
+
+def prompts_outside(pts, box, image: np.ndarray) -> Optional[str]:
+  """A warning when a --point or --box lies outside this image (x in [0, W],
+  y in [0, H]): SAM still answers, but likely not about what was meant."""
+  h, w = image.shape[:2]
+  off = lambda x, y: not (0 <= x <= w and 0 <= y <= h)  # noqa: E731
+  bad = [f"--point {x:g},{y:g}" for x, y in (pts if pts is not None else []) if off(x, y)]
+  if box is not None and (off(box[0], box[1]) or off(box[2], box[3])):
+    bad.append("--box " + ",".join(f"{v:g}" for v in box))
+  if not bad:
+    return None
+  verb = "is" if len(bad) == 1 else "are"
+  return (f"{', '.join(bad)} {verb} outside this {w}x{h} image (x from 0 to {w}, y from 0 to "
+          f"{h}); the masks answer a prompt off the picture")
 
 
 AOP_THRESHOLDS = ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
@@ -688,6 +703,8 @@ def segment_all(args, session: Session, paths: Sequence[str], stems: Sequence[st
       continue
     written += 1
     tqdm.write(f"{path}: {len(records)} masks in {secs:.1f}s")
+    if extra.get("warning"):
+      tqdm.write(f"  warning: {extra['warning']}", file=sys.stderr)
     if not records:
       empty += 1
       tqdm.write(f"  {extra.get('diagnosis', '0 masks: every mask was filtered out')}",

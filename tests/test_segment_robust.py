@@ -159,6 +159,16 @@ def test_out_in_the_input_folder_does_not_feed_back(tmp_path):
       (["x/a.png", "y/b_overlay.png"], 1)
 
 
+def test_prompts_outside_the_image_are_named():
+  image = np.zeros((449, 640, 3), np.uint8)
+  assert segment.prompts_outside(np.array([[10, 10], [640, 449]]), None, image) is None
+  assert segment.prompts_outside(None, np.array([0, 0, 640, 449]), image) is None
+  text = segment.prompts_outside(np.array([[10, 10], [5000, 5000]]), None, image)
+  assert text.startswith("--point 5000,5000 is outside this 640x449 image"), text
+  text = segment.prompts_outside(np.array([[449, 640]]), np.array([0, 0, 700, 100]), image)
+  assert text.startswith("--point 449,640, --box 0,0,700,100 are outside"), text
+
+
 def test_subfolders_not_searched_are_named(tmp_path):
   (tmp_path / "in" / "deeper").mkdir(parents=True)
   _image(tmp_path / "in" / "top.png")
