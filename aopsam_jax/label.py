@@ -268,11 +268,13 @@ def run_share(todo, step, gbatch, img_size, args, shards, pidx, bar) -> Stats:
 def _report(stats: Stats, counts: Dict[str, int], pcount: int, out: str, weights: str) -> None:
   per = counts["masks"] / max(counts["images"], 1)
   rate = stats.images / max(stats.wall_s - stats.compile_s, 1e-9)
+  this_run = (f"{stats.images} images in {stats.wall_s:.1f}s ({stats.compile_s:.1f}s compiling; "
+              f"{rate:.2f} images/s after it; input wait "
+              f"{100 * stats.input_wait_s / max(stats.wall_s, 1e-9):.0f}% of the time)"
+              if stats.images else "no image left to label (earlier runs did them all)")
   print(f"labelled {counts['images']} images, {counts['masks']} masks ({per:.1f} per image), "
         f"{counts['errors']} unreadable (errors.json); weights: {weights}.\n"
-        f"this run, process 0 of {pcount}: {stats.images} images in {stats.wall_s:.1f}s "
-        f"({stats.compile_s:.1f}s compiling; {rate:.2f} images/s after it; input wait "
-        f"{100 * stats.input_wait_s / max(stats.wall_s, 1e-9):.0f}% of the time)\n"
+        f"this run, process 0 of {pcount}: {this_run}\n"
         f"-> {os.path.join(out, 'results.json')}, images.json, errors.json")
 
 

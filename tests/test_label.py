@@ -169,6 +169,13 @@ def test_sigkill_and_resume_same_results(setup, reference):
   assert _outputs(out) == _outputs(reference)
 
 
+def test_rerun_of_a_finished_run_does_nothing(setup, reference):
+  before = _outputs(reference)
+  rc, log = _run(setup, reference)
+  assert rc == 1 and "no image left to label" in log, log[-3000:]  # the broken file stays failed
+  assert _outputs(reference) == before
+
+
 def test_changed_settings_refuse_to_mix(setup, reference):
   out = setup / "ref"
   rc, log = _run(setup, out, 1, "--asf", "max_masks=4")
