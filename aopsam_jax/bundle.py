@@ -60,29 +60,13 @@ def build_parser():
   return p
 
 
-def write_dir_atomic(path: str, write) -> None:
-  """`write(tmp)` into `<path>.partial`, then swap it in for `path`: an
-  interrupted run leaves the old bundle (or none), never a mix of two."""
-  import shutil
-  tmp, old = path + ".partial", f"{path}.old-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    write(tmp)
-    if os.path.exists(path):
-      os.replace(path, old)
-    os.replace(tmp, path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def main(argv=None) -> int:
   from aopsam_jax.cli import run_main
   return run_main(_main, argv, "bundle")
 
 
 def _main(argv) -> int:
-  from aopsam_jax.cli import UsageError, WorkError
+  from aopsam_jax.cli import UsageError, WorkError, write_atomic
   p = build_parser()
   a = p.parse_args(argv)
   try:
@@ -122,7 +106,7 @@ def _main(argv) -> int:
   except (OSError, ValueError) as e:  # CheckpointError is a ValueError
     raise WorkError(str(e)) from None
   try:
-    write_dir_atomic(a.out, lambda tmp: save_bundle(
+    write_atomic(a.out, lambda tmp: save_bundle(
         tmp, sam, predictor, asf_cfg, random_init=random_init, notes=a.notes, metadata=meta,
         trained_fingerprint=trained))
   except EncoderMismatch as e:

@@ -88,16 +88,28 @@ def _one_line_warning(prog: str):
 
 def write_atomic(path: str, write: Callable[[str], Any]) -> None:
   """`write(tmp)` then rename onto `path`: an interrupted run never leaves a
-  half-written file under a result's name (only `<path>.partial`, removed on
-  failure).  Writers that pick a format by file name must be told it."""
+  half-written result under its name (only `<path>.partial`, removed on
+  failure).  `write` may make a file or a folder; a folder already at `path`
+  is swapped out and removed, so the result is the old one or the new one,
+  never a mix.  Writers that pick a format by file name must be told it."""
+  import shutil
+
+  def remove(p):
+    if os.path.isdir(p) and not os.path.islink(p):
+      shutil.rmtree(p)
+    elif os.path.lexists(p):
+      os.remove(p)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".partial"
+  tmp, old = path + ".partial", f"{path}.old-{os.getpid()}"
+  remove(tmp)
   try:
     write(tmp)
+    if os.path.isdir(tmp) and os.path.isdir(path):
+      os.replace(path, old)  # os.replace cannot replace a non-empty folder
     os.replace(tmp, path)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    remove(tmp)
+    remove(old)
 
 
 # --- shared options of the AoP-SAM apps (label, export) -----------------------

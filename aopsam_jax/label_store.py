@@ -47,7 +47,8 @@ def _walk(root: str, skip: Optional[str] = None) -> List[str]:
   out = []
   skip = os.path.realpath(skip) if skip else None
   for d, dirs, files in os.walk(root, followlinks=True):
-    dirs[:] = sorted(x for x in dirs if os.path.realpath(os.path.join(d, x)) != skip)
+    dirs[:] = sorted(x for x in dirs
+                     if skip is None or os.path.realpath(os.path.join(d, x)) != skip)
     out.extend(os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS))
   return out
 

@@ -660,7 +660,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(random_init_banner(args.mode, args.model_type), file=sys.stderr)
   if session.thresholds:
     print(f"thresholds: {describe_thresholds(session.thresholds)}", file=sys.stderr)
-  written, failed, empty = segment_all(args, session, paths, stems, set(done))
+  written, failed, empty = segment_all(args, session, paths, stems, frozenset(done))
   return report(args.out, written, failed, len(done), empty)
 
 

@@ -338,8 +338,8 @@ class StopOnInterrupt:
   multi-process run stopping alone would leave the others waiting."""
 
   def __init__(self, enabled: bool, write):
-    self.enabled, self.write, self.requested, self.installed = enabled, write, False, False
-    self.previous = None
+    self.enabled, self.write, self.requested = enabled, write, False
+    self.previous = None  # the handler replaced, while ours is installed
 
   def __enter__(self):
     import signal
@@ -348,7 +348,6 @@ class StopOnInterrupt:
       previous = signal.getsignal(signal.SIGINT)
       self.previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python
       signal.signal(signal.SIGINT, self._handle)
-      self.installed = True
     return self
 
   def _handle(self, signum, frame):
@@ -359,7 +358,7 @@ class StopOnInterrupt:
 
   def __exit__(self, *exc):
     import signal
-    if self.installed:
+    if self.previous is not None:
       signal.signal(signal.SIGINT, self.previous)
 
 
