@@ -32,11 +32,13 @@ _EXPORTS = {
     "load_bundle": ("aopsam_jax.aop.bundle", "load_bundle"),
     "AopMaskGenerator": ("aopsam_jax.aop.pipeline", "AopMaskGenerator"),
     "AsfConfig": ("aopsam_jax.aop.asf", "AsfConfig"),
+    "jit": ("aopsam_jax.sam.compile_options", "jit"),
+    "compiler_options": ("aopsam_jax.sam.compile_options", "compiler_options"),
 }
 
 __all__ = ["AmgConfig", "AopMaskGenerator", "AsfConfig", "SamAutomaticMaskGenerator",
-           "SamPredictor", "build_model", "get_sam_config", "load_bundle", "load_image",
-           "load_sam"]
+           "SamPredictor", "build_model", "compiler_options", "get_sam_config", "jit",
+           "load_bundle", "load_image", "load_sam"]
 
 if TYPE_CHECKING:
   from aopsam_jax.aop.asf import AsfConfig
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
   from aopsam_jax.sam.config import get_sam_config
   from aopsam_jax.sam.image_io import load_image
   from aopsam_jax.sam.checkpoints import load_sam
+  from aopsam_jax.sam.compile_options import compiler_options, jit
   from aopsam_jax.sam.params import build_model
   from aopsam_jax.sam.predictor import SamPredictor
 

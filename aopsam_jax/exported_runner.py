@@ -52,6 +52,18 @@ class ExportedProgram:
     self.weights = weights
     self.batch = int(meta["batch"])
     self.img_size = int(meta["img_size"])
+    self._call = None
+
+  def _compiled_call(self):
+    # The CPU scheduler option of aopsam_jax.sam.compile_options (repeated
+    # here: this file imports nothing from aopsam_jax): loops share scratch
+    # memory instead of each holding its own.
+    import jax
+    if self._call is None:
+      opts = ({"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+              if jax.default_backend() == "cpu" else None)
+      self._call = jax.jit(self.exported.call, compiler_options=opts)
+    return self._call
 
   def __call__(self, padded, input_hw, original_hw) -> Dict[str, np.ndarray]:
     import jax
@@ -59,7 +71,7 @@ class ExportedProgram:
             np.asarray(original_hw, np.int32))
     if self.weights is not None:
       args = (self.weights,) + args
-    return jax.device_get(self.exported.call(*args))
+    return jax.device_get(self._compiled_call()(*args))
 
 
 def load(path: str) -> ExportedProgram:

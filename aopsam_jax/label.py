@@ -138,6 +138,7 @@ def make_step(model, cfg, batch_per_device: int):
   from flax import nnx
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   from aopsam_jax.aop import pipeline
+  from aopsam_jax.sam.compile_options import jit
 
   devices = jax.local_devices()
   mesh = Mesh(np.array(devices), (AXIS,))
@@ -149,7 +150,7 @@ def make_step(model, cfg, batch_per_device: int):
 
   # shard_map: every device runs the very program a single device runs on its
   # `batch_per_device` images, so results do not depend on the device count.
-  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+  fn = jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
                              out_specs=P(AXIS), check_vma=False))
   state = jax.device_put(state, NamedSharding(mesh, P()))
   data = NamedSharding(mesh, P(AXIS))

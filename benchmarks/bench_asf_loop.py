@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from aopsam_jax.aop import pipeline  # noqa: E402
 from aopsam_jax.aop.prompt_predictor import PromptPredictor, PromptPredictorConfig  # noqa: E402
+from aopsam_jax.sam.compile_options import jit  # noqa: E402
 from aopsam_jax.sam.config import get_sam_config  # noqa: E402
 from aopsam_jax.sam.params import build_model  # noqa: E402
 from aopsam_jax.sysinfo import cpu_model  # noqa: E402
@@ -43,7 +44,7 @@ def compiled(gd, st, inp, loop: bool):
   auto = pipeline._skips_padding
   pipeline._skips_padding = auto if loop else (lambda *a, **k: False)
   try:
-    fn = jax.jit(lambda s, p, i, o: pipeline.segment(nnx.merge(gd, s), p, i, o))
+    fn = jit(lambda s, p, i, o: pipeline.segment(nnx.merge(gd, s), p, i, o))
     t0, c0 = time.perf_counter(), time.process_time()
     prog = fn.lower(st, inp.padded, inp.input_hw, inp.original_hw).compile()
     return prog, time.perf_counter() - t0, time.process_time() - c0

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from aopsam_jax.sam import modeling  # noqa: E402
+from aopsam_jax.sam.compile_options import jit  # noqa: E402
 from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
 from benchmarks.device_check import encoder_flops  # noqa: E402
 from benchmarks.baseline import module_at  # noqa: E402
@@ -41,7 +42,7 @@ from benchmarks.profile_encoder import perturbed  # noqa: E402
 
 def jitted(encoder):
   graphdef, state = nnx.split(encoder)
-  f = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  f = jit(lambda s, x: nnx.merge(graphdef, s)(x))
   return lambda x: f(state, x)
 
 

@@ -54,8 +54,9 @@ def _compiled(encoder, x):
   """
   import jax
   from flax import nnx
+  from aopsam_jax.sam.compile_options import jit
   graphdef, state = nnx.split(encoder)
-  compiled = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, x).compile()
+  compiled = jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(state, x).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gflops = float((cost or {}).get("flops", float("nan"))) / 1e9

@@ -24,6 +24,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from aopsam_jax.sam.compile_options import jit  # noqa: E402
 from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
 from aopsam_jax.sam.modeling import (EncoderBlock, ImageEncoderViT, resolve_token_tile,  # noqa: E402
                                      token_map)
@@ -32,7 +33,7 @@ from aopsam_jax.sam.norm import gelu  # noqa: E402
 
 def timed(fn, *args, repeats: int = 3):
   """(min wall s, min CPU s) of jitted fn(*args) after one compile call."""
-  f = jax.jit(fn)
+  f = jit(fn)
   jax.block_until_ready(f(*args))
   best_w = best_c = float("inf")
   for _ in range(repeats):

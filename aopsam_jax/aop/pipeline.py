@@ -44,6 +44,7 @@ from flax import nnx
 from aopsam_jax.sam import geometry, mask_ops, records as records_lib
 from aopsam_jax.aop import asf
 from aopsam_jax.aop.prompt_predictor import PromptPredictor, predictor_inputs
+from aopsam_jax.sam.compile_options import jit
 from aopsam_jax.sam.modeling import resolve_prompt_chunk
 from aopsam_jax.sam.predictor import OUT_ALIGN
 from aopsam_jax.sam.prompts import single_point_prompts
@@ -141,7 +142,7 @@ def segment(model: AopSam, padded: jax.Array, input_hw: jax.Array, original_hw: 
       padded, jnp.asarray(input_hw), jnp.asarray(original_hw))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+@functools.partial(jit, static_argnames=("graphdef", "cfg"))
 def _segment_jit(graphdef, state, padded, input_hw, original_hw, cfg):
   return segment(nnx.merge(graphdef, state), padded, input_hw, original_hw, cfg)
 
@@ -176,7 +177,7 @@ def compiled_executables() -> int:
 # --- host side ---------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("out_hw", "img_size"))
+@functools.partial(jit, static_argnames=("out_hw", "img_size"))
 def _upscale(low_res, input_hw, original_hw, threshold, out_hw, img_size):
   return postprocess_masks(low_res, input_hw, original_hw, out_hw, img_size) > threshold
 

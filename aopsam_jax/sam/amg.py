@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from aopsam_jax.sam import mask_ops, records as records_lib, regions
+from aopsam_jax.sam.compile_options import jit
 from aopsam_jax.sam.predictor import OUT_ALIGN
 from aopsam_jax.sam.prompts import single_point_prompts
 from aopsam_jax.sam.transforms import postprocess_masks, prepare_image, preprocess
@@ -287,7 +288,7 @@ def _generate_masks(model, inputs: AmgInputs, cfg: AmgConfig, th: Thresholds, ou
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "out_hw"))
+@functools.partial(jit, static_argnames=("graphdef", "cfg", "out_hw"))
 def _generate_jit(graphdef, state, inputs: AmgInputs, th: Thresholds, cfg: AmgConfig, out_hw):
   return _generate_masks(nnx.merge(graphdef, state), inputs, cfg, th, out_hw)
 
@@ -325,7 +326,7 @@ def generate(model, inputs: AmgInputs, cfg: AmgConfig = AmgConfig()) -> Dict[str
 # --- masks at the original size, records -------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "out_hw"))
+@functools.partial(jit, static_argnames=("graphdef", "out_hw"))
 def _decode_masks_jit(graphdef, state, embeddings, crop_index, points_in, slot_prompt, slot_mask,
                       input_hw, crop_hw, threshold, out_hw):
   """B prompts -> the (S,) selected (prompt, mask) slots upsampled to `out_hw`, bool."""

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aopsam_jax.sam.compile_options import jit
 from aopsam_jax.sam.image_io import load_image
 from aopsam_jax.sam.modeling import Sam, attention_impl, map_chunks, resolve_prompt_chunk
 from aopsam_jax.sam.prompts import build_sparse_prompts
@@ -101,14 +102,14 @@ def _predict(graphdef, state, embeddings, image_index, input_hw, original_hw, co
   return masks, iou, low
 
 
-embed_fn = jax.jit(_embed, static_argnums=(0,))
+embed_fn = jit(_embed, static_argnums=(0,))
 embed_fn.__doc__ = """(graphdef, state, padded (N,S,S,3) uint8, input_hw (N,2)) -> (N,h,w,256) f32."""
-decode_fn = jax.jit(_decode, static_argnums=(0,), static_argnames=("multimask_output",))
+decode_fn = jit(_decode, static_argnums=(0,), static_argnames=("multimask_output",))
 decode_fn.__doc__ = """(graphdef, state, embeddings (N,h,w,256), image_index, coords (B,T,2) in the
 input frame, labels (B,T), mask_input (B,4h,4w) | None, multimask_output, num_valid = None |
 traced count of real prompts, the rest padding) -> (low-res logits (B,M,4h,4w), iou (B,M))."""
-postprocess_fn = jax.jit(_postprocess, static_argnames=("out_hw", "img_size"))
-predict_fn = jax.jit(_predict, static_argnums=(0,),
+postprocess_fn = jit(_postprocess, static_argnames=("out_hw", "img_size"))
+predict_fn = jit(_predict, static_argnums=(0,),
                      static_argnames=("multimask_output", "out_hw", "return_logits"))
 predict_fn.__doc__ = """decode_fn + postprocess to `out_hw` (static; zero past original_hw) +
 threshold: -> (masks (B,M,*out_hw) bool or logits, iou (B,M), low-res logits)."""

@@ -19,7 +19,6 @@ import shutil
 import uuid
 from typing import Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -29,6 +28,7 @@ from aopsam_jax.data import coco, records
 from aopsam_jax.data import embedding_cache as ec
 from aopsam_jax.data.coco import DatasetError
 from aopsam_jax.sam import transforms
+from aopsam_jax.sam.compile_options import jit
 from aopsam_jax.sam.params import encoder_fingerprint  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def make_encode_fn(sam) -> Callable:
   """jitted (padded uint8 (B,S,S,3), input_hw (B,2)) -> (embedding, image_small), bfloat16."""
   graphdef, state = nnx.split(sam.image_encoder)
 
-  @jax.jit
+  @jit
   def f(state, padded, input_hw):
     emb, small = predictor_inputs(nnx.merge(graphdef, state), padded, input_hw)
     return emb.astype(jnp.bfloat16), small.astype(jnp.bfloat16)

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from aopsam_jax.sam.compile_options import jit
 from aopsam_jax.sam.geometry import LOW_RES_STRIDE, low_res_valid_region
 from aopsam_jax.aop.peaks import extract_peaks
 from aopsam_jax.aop.prompt_predictor import predictor_inputs
@@ -95,13 +96,13 @@ def build_steps(graphdef, tx, loss_cfg, mesh: Mesh, encoder_graphdef=None,
       out[f"k{k}_coords"], out[f"k{k}_valid"] = coords, valid
     return out
 
-  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(repl, repl))
+  train_step = jit(train_step, donate_argnums=(0,), out_shardings=(repl, repl))
   data_sh = NamedSharding(mesh, P("data"))
   eval_out = {"loss": repl, "num_pos": repl}
   for k in eval_ks:
     eval_out[f"k{k}_coords"] = data_sh
     eval_out[f"k{k}_valid"] = data_sh
-  eval_step = jax.jit(eval_step, out_shardings=eval_out)
+  eval_step = jit(eval_step, out_shardings=eval_out)
   return train_step, eval_step
 
 
