@@ -99,3 +99,30 @@ def test_switches_keep_the_parameter_layout(setup):
   modeling.set_token_tile(model, 0)
   assert (sorted(flat_params(model)), encoder_fingerprint(model)) == before
   assert "image_encoder.blocks.3.attn.qkv.kernel" in before[0]
+
+
+def test_attention_steps_do_not_change_numbers():
+  """`_attend` in groups of heads, in blocks of queries and all at once: the
+  same softmax(q k^T + rel-pos) v (a row of windows uses the last form, the
+  global heads the second)."""
+  att = modeling.EncoderAttention(32, 4, (4, 4), nnx.Rngs(0))
+  rng = np.random.RandomState(1)
+  att.rel_pos_h[...] = jnp.asarray(rng.randn(7, 8), jnp.float32)
+  att.rel_pos_w[...] = jnp.asarray(rng.randn(7, 8), jnp.float32)
+  q, k, v = (jnp.asarray(rng.randn(6, 16, 8), jnp.float32) for _ in range(3))
+  rel = att.rel_tables(4, 4, jnp.float32)
+  whole = att._attend(q, k, v, *rel, block=6 * 16 * 16)
+  assert modeling.attention_blocks(6, 16, 6 * 16 * 16) == (6, 16)
+  assert modeling.attention_blocks(6, 16, 2 * 16 * 16) == (2, 16)
+  assert modeling.attention_blocks(6, 16, 4 * 16) == (1, 4)
+  for block in (2 * 16 * 16, 4 * 16):
+    np.testing.assert_allclose(att._attend(q, k, v, *rel, block=block), whole, rtol=1e-5, atol=1e-6)
+  # the official formula, written out
+  qs = np.asarray(q).reshape(6, 4, 4, 8)
+  rh, rw = (np.asarray(t) for t in rel)
+  logits = np.einsum("zqd,zkd->zqk", np.asarray(q) * att.scale, np.asarray(k))
+  bias = (np.einsum("zhwd,hkd->zhwk", qs, rh)[..., :, None]
+          + np.einsum("zhwd,wkd->zhwk", qs, rw)[..., None, :]).reshape(6, 16, 16)
+  p = np.exp(logits + bias - (logits + bias).max(-1, keepdims=True))
+  want = (p / p.sum(-1, keepdims=True)) @ np.asarray(v)
+  np.testing.assert_allclose(np.asarray(whole), want, rtol=1e-5, atol=1e-5)
