@@ -22,6 +22,11 @@ from typing import Any, Dict, Optional
 
 import jax
 
+try:  # not public API; `_tracing` falls back to looking for tracers
+  from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # pragma: no cover
+  _trace_state_clean = None
+
 CPU_COMPILER_OPTIONS: Dict[str, Any] = {
     "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
 }
@@ -70,9 +75,3 @@ def _tracing(args, kwargs) -> bool:
   if _trace_state_clean is not None:
     return not _trace_state_clean()
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
-
-
-try:  # not public API: checked, with the tracer test as the fallback
-  from jax._src.core import trace_state_clean as _trace_state_clean
-except ImportError:  # pragma: no cover
-  _trace_state_clean = None
