@@ -389,17 +389,26 @@ def image_id_for(path: str, index: int) -> int:
   return int(m.group(1) or 0) if m else index
 
 
-def load_input(path: str) -> np.ndarray:
-  """The image at `path`, or a ValueError / OSError whose text names the file
-  and the problem (empty file, not an image, truncated, looping link)."""
-  from aopsam_jax.sam.image_io import load_image
+def input_problem(path: str) -> Optional[str]:
+  """What makes `path` unusable that a stat can tell (a link that cannot be
+  followed, an empty file), naming the file; None otherwise."""
   if os.path.islink(path) and not os.path.exists(path):
     try:
       os.stat(path)
     except OSError as e:
-      raise ValueError(f"{path}: symbolic link that cannot be followed ({e.strerror})") from None
+      return f"{path}: symbolic link that cannot be followed ({e.strerror})"
   if os.path.isfile(path) and os.path.getsize(path) == 0:
-    raise ValueError(f"{path}: empty file (0 bytes)")
+    return f"{path}: empty file (0 bytes)"
+  return None
+
+
+def load_input(path: str) -> np.ndarray:
+  """The image at `path`, or a ValueError / OSError whose text names the file
+  and the problem (empty file, not an image, truncated, looping link)."""
+  from aopsam_jax.sam.image_io import load_image
+  problem = input_problem(path)
+  if problem:
+    raise ValueError(problem)
   return load_image(path)
 
 
@@ -641,14 +650,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(f"note: {len(subdirs)} subfolder(s) not searched (e.g. {subdirs[0]}): segment reads the "
           "images directly in a named folder; name subfolders too, or label whole trees with "
           "python -m aopsam_jax.label", file=sys.stderr)
-  done = ([i for i, stem in enumerate(stems)
-           if all(os.path.exists(f) for f in output_files(args.out, stem))]
-          if args.skip_existing else [])
+  done = (frozenset(i for i, stem in enumerate(stems)
+                    if all(os.path.exists(f) for f in output_files(args.out, stem)))
+          if args.skip_existing else frozenset())
   if done:
     print(f"--skip-existing: {len(done)} of {len(paths)} image(s) already have results in "
           f"{args.out}; segmenting the other {len(paths) - len(done)}", file=sys.stderr)
-  if len(done) == len(paths):
-    return report(args.out, 0, [], len(done))
+  left = [p for i, p in enumerate(paths) if i not in done]
+  problems = [input_problem(p) for p in left]
+  if all(problems):  # nothing left a model could do (a re-run): build none
+    for reason in problems:
+      print(f"skipped {reason}", file=sys.stderr)
+    return report(args.out, 0, list(zip(left, problems)), len(done))
   compile_cache.setup(args.no_compile_cache)
   try:
     session = MODES[args.mode](args)
@@ -660,7 +673,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(random_init_banner(args.mode, args.model_type), file=sys.stderr)
   if session.thresholds:
     print(f"thresholds: {describe_thresholds(session.thresholds)}", file=sys.stderr)
-  written, failed, empty = segment_all(args, session, paths, stems, frozenset(done))
+  written, failed, empty = segment_all(args, session, paths, stems, done)
   return report(args.out, written, failed, len(done), empty)
 
 

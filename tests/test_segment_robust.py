@@ -134,8 +134,18 @@ def test_skip_existing_finishes_an_interrupted_run(messy):
   assert res[0]["segmentation"]["size"] == [40, 30] and {r["image_id"] for r in res} == {7}
   assert (out / "a" / "pic_png_overlay.png").exists()
   assert not list(out.rglob("*.partial"))
+  # left: only files a stat shows unusable (empty, looping link): reported, no model built
+  for name in ("notes.png", "cut.jpg"):
+    os.remove(messy["root"] / "in" / "a" / name)
+  proc = run_cli(messy["args"] + ["--skip-existing"], importtime=True)
+  mods, lines = split_stderr(proc.stderr)
+  assert proc.returncode == 1 and not mods & HEAVY_MODULES, proc.stderr
+  assert any(ln.startswith("skipped ") and ln.endswith("empty.png: empty file (0 bytes)")
+             for ln in lines), lines
+  assert any("loop.png: symbolic link that cannot be followed" in ln for ln in lines), lines
+  assert "0 image(s) written" in lines[-3] and "4 already there (kept), 2 failed" in lines[-3]
   # everything but the bad files done: nothing to do, no model built (no jax import)
-  for name in ("empty.png", "notes.png", "cut.jpg", "loop.png"):
+  for name in ("empty.png", "loop.png"):
     os.remove(messy["root"] / "in" / "a" / name)
   proc = run_cli(messy["args"] + ["--skip-existing"], importtime=True)
   mods, lines = split_stderr(proc.stderr)
