@@ -40,8 +40,10 @@ def export_pipeline(model, cfg, batch: int, platforms: Sequence[str], embed_weig
   import jax.numpy as jnp
   from flax import nnx
   from aopsam_jax.aop import pipeline
+  from aopsam_jax.sam import modeling
 
-  graphdef, state = pipeline.split_model(model)
+  with modeling.portable_attention(model):  # the artefact runs without this library
+    graphdef, state = pipeline.split_model(model)
   leaves, treedef = jax.tree.flatten(state)
 
   def run(weights, padded, input_hw, original_hw):

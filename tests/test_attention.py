@@ -17,12 +17,16 @@ from flax import nnx
 
 from tests.reference import build_torch_sam, rel_err, state_dict_numpy
 
-from aopsam_jax.sam import modeling
+from aopsam_jax.sam import cpu_kernels, modeling
 from aopsam_jax.sam.config import SamConfig
 from aopsam_jax.sam.params import build_model, convert_state_dict
 
 CFG = SamConfig(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4,
                 encoder_global_attn_indexes=(1,), img_size=256)
+
+
+# Every implementation this machine can run ("cpu_kernel" needs AVX-512 and a compiler).
+IMPLS = ["chunked", "xla"] + (["cpu_kernel"] if cpu_kernels.enabled() else [])
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def _pixels(seed: int) -> np.ndarray:
   return np.random.RandomState(seed).randn(1, CFG.img_size, CFG.img_size, 3).astype(np.float32)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "xla"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_encoder_matches_official(models, impl):
   tsam, params = models
   x = _pixels(0)
@@ -63,7 +67,7 @@ def test_fused_equals_chunked_on_one_block(models):
   assert not np.allclose(np.asarray(a), 0.0)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "xla"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_windowed_block_matches_official(models, impl):
   """One windowed block (official `Block`) on batch 2 of 17x30 tokens: 2x3
   windows of 14, padded in rows and columns (the chunked path's row-of-windows
@@ -98,8 +102,10 @@ def test_predictor_split_keeps_attention(models):
 
 
 
-def test_auto_is_chunked_on_cpu_and_the_default():
+def test_auto_is_the_default_and_resolves_per_backend():
   m = nnx.eval_shape(lambda: modeling.Sam(CFG, rngs=nnx.Rngs(0)))
   assert modeling.attention_impl(m) == "auto"
-  assert jax.default_backend() != "cpu" or modeling.resolve_attention("auto") == "chunked"
+  if jax.default_backend() == "cpu":
+    expected = "cpu_kernel" if cpu_kernels.enabled() else "chunked"
+    assert modeling.resolve_attention("auto") == expected
   assert modeling.resolve_attention("cudnn") == "cudnn"

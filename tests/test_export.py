@@ -20,6 +20,7 @@ import pytest
 from aopsam_jax import export
 from aopsam_jax.aop import bundle as bundle_lib
 from aopsam_jax.aop import pipeline
+from aopsam_jax.sam import modeling
 from aopsam_jax.sam.image_io import load_image, sample_image_path
 from tests.test_label import ASF_FLAGS, CFG, make_bundle
 
@@ -80,7 +81,9 @@ def test_round_trip_identical(artefacts):
   got = np.load(str(tmp / "inputs.npz") + ".out.npz")
 
   b = bundle_lib.load_bundle(str(tmp / "bundle"), quiet=True)
-  ref = pipeline.segment_jit(b.model, batch["padded"], batch["input_hw"], batch["original_hw"], CFG)
+  with modeling.portable_attention(b.model):  # the attention the artefact was traced with
+    ref = pipeline.segment_jit(b.model, batch["padded"], batch["input_hw"], batch["original_hw"],
+                               CFG)
   ref = {k: np.asarray(v) for k, v in ref.items()}
   assert ref["valid"].any()
   before = {k: np.asarray(v) for k, v in

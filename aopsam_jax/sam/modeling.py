@@ -17,13 +17,15 @@ Details that matter for numerical parity (all read from the official code):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aopsam_jax.sam import cpu_kernels
 from aopsam_jax.sam.config import SamConfig
 from aopsam_jax.sam.norm import LayerNorm, gelu
 from aopsam_jax.sam.tiny_vit import TinyViT
@@ -76,7 +78,10 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Array) -> Array:
   return rel_pos[rel.astype(jnp.int32)]
 
 
-ATTENTION_IMPLS = ("auto", "chunked", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "chunked", "cpu_kernel", "xla", "cudnn")
+# The implementations that walk heads / rows of windows in loops: "cpu_kernel"
+# is "chunked" with the global attention in the native kernel.
+CHUNKED_IMPLS = ("chunked", "cpu_kernel")
 
 
 def rel_pos_terms(q: Array, rh: Array, rw: Array) -> Tuple[Array, Array]:
@@ -171,7 +176,7 @@ class EncoderAttention(nnx.Module):
     self.token_tile = None  # see resolve_token_tile
 
   def __call__(self, x: Array) -> Array:
-    if resolve_attention(self.impl) == "chunked":
+    if resolve_attention(self.impl) in CHUNKED_IMPLS:
       return self._chunked(x)
     return self._fused(x)
 
@@ -202,13 +207,28 @@ class EncoderAttention(nnx.Module):
     return token_map(layer, x, resolve_token_tile(self.token_tile))
 
   def _chunked(self, x: Array) -> Array:
-    """One (image, head) per `fori_loop` step, sliced out of the token-major
-    qkv and written back in place: no head-major transposes of the whole
-    qkv / output arrays (8 % less time for a ViT-B global attention on CPU)."""
+    """Global attention between the token-wise qkv and proj: the native
+    kernel (`cpu_kernels`) when this is "cpu_kernel" and it takes the
+    shapes, else `_global_xla`."""
     b, h, w, c = x.shape
-    nh, hd, n = self.num_heads, c // self.num_heads, h * w
-    qkv = self._tokenwise(self.qkv, x).reshape(b, n, 3, nh, hd)
+    qkv = self._tokenwise(self.qkv, x)
     rel = self.rel_tables(h, w, jnp.float32)  # once, not per head
+    if (resolve_attention(self.impl) == "cpu_kernel"
+        and cpu_kernels.supports(h, w, c // self.num_heads, qkv.dtype)):
+      out = cpu_kernels.global_attention(qkv, *rel, self.num_heads, self.scale, self._global_xla)
+    else:
+      out = self._global_xla(qkv, *rel)
+    return self._tokenwise(self.proj, out)
+
+  def _global_xla(self, qkv: Array, rh: Array, rw: Array) -> Array:
+    """(B, H, W, 3C) qkv -> (B, H, W, C) attention output, one (image, head)
+    per `fori_loop` step, sliced out of the token-major qkv and written back
+    in place: no head-major transposes of the whole qkv / output arrays (8 %
+    less time for a ViT-B global attention on CPU)."""
+    b, h, w, c3 = qkv.shape
+    nh, hd, n = self.num_heads, c3 // (3 * self.num_heads), h * w
+    qkv = qkv.reshape(b, n, 3, nh, hd)
+    rel = (rh, rw)
 
     def head(i, out):
       bi, hi = i // nh, i % nh
@@ -217,7 +237,7 @@ class EncoderAttention(nnx.Module):
       return jax.lax.dynamic_update_slice(out, o.reshape(1, n, 1, hd), (bi, 0, hi, 0))
 
     out = jax.lax.fori_loop(0, b * nh, head, jnp.zeros((b, n, nh, hd), qkv.dtype))
-    return self._tokenwise(self.proj, out.reshape(b, h, w, c))
+    return out.reshape(b, h, w, nh * hd)
 
   def windowed(self, x: Array, window: int) -> Array:
     """Attention inside `window` x `window` tiles of x (B, H, W, C): equal to
@@ -231,7 +251,7 @@ class EncoderAttention(nnx.Module):
     attention on CPU).  The padding rows of the last row of windows are the
     official zero inputs (one loop body for every row: a separate call for
     the partial row cost 0.3 s of compile and saved no measurable time)."""
-    if resolve_attention(self.impl) != "chunked":
+    if resolve_attention(self.impl) not in CHUNKED_IMPLS:
       h, w = x.shape[1], x.shape[2]
       windows, pad_hw = window_partition(x, window)
       return window_unpartition(self(windows), window, pad_hw, (h, w))
@@ -318,10 +338,18 @@ def attention_blocks(z: int, n: int, block: int) -> Tuple[int, int]:
 
 
 def resolve_attention(impl: str) -> str:
-  """"auto" -> the measured best default of the backend being traced for."""
+  """"auto" -> the measured best default of the backend being traced for:
+  "cpu_kernel" on a single-device CPU where the kernel builds, else "chunked"
+  on CPU, "xla" on accelerators.  An explicit "cpu_kernel" that cannot be
+  used is an error that says why."""
+  if impl == "cpu_kernel" and not cpu_kernels.enabled():
+    raise RuntimeError(f"attention 'cpu_kernel' is unavailable: {cpu_kernels.unavailable_reason()}"
+                       "; use 'auto' or 'chunked'")
   if impl != "auto":
     return impl
-  return "chunked" if jax.default_backend() == "cpu" else "xla"
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return "cpu_kernel" if cpu_kernels.enabled() else "chunked"
 
 
 def check_attention_impl(impl: str) -> str:
@@ -339,6 +367,24 @@ def set_attention(model: nnx.Module, impl: str) -> nnx.Module:
     if isinstance(m, EncoderAttention):
       m.impl = impl
   return model
+
+
+@contextlib.contextmanager
+def portable_attention(model: nnx.Module) -> Iterator[nnx.Module]:
+  """Inside, encoder attentions of `model` that would use the native CPU
+  kernel use XLA's "chunked" instead (restored on exit): for programs that
+  must run without this library, e.g. `jax.export` artefacts (which refuse
+  custom calls anyway).  The implementation is part of the model's graphdef,
+  so programs traced inside are never mixed up with ones traced outside."""
+  changed = [(m, m.impl) for _, m in nnx.iter_graph(model) if isinstance(m, EncoderAttention)
+             and m.impl in ("auto", "cpu_kernel") and resolve_attention(m.impl) == "cpu_kernel"]
+  for m, _ in changed:
+    m.impl = "chunked"
+  try:
+    yield model
+  finally:
+    for m, impl in changed:
+      m.impl = impl
 
 
 def set_scan_blocks(model: nnx.Module, on: bool) -> nnx.Module:
