@@ -73,9 +73,12 @@ def _cmd(tmp, out, *extra):
 
 
 def _env(tmp, devices=1):
+  # The native CPU attention runs on a single device only: every run here uses
+  # XLA's, so that 1, 8 devices and 2 processes run the same arithmetic
+  # (byte-identical outputs).
   return dict(os.environ, PYTHONPATH=REPO,
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              AOPSAM_COMPILE_CACHE=str(tmp / "jax_cache"))
+              AOPSAM_COMPILE_CACHE=str(tmp / "jax_cache"), AOPSAM_CPU_KERNELS="off")
 
 
 def _run(tmp, out, devices=1, *extra):

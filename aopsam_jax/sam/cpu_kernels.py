@@ -1,10 +1,11 @@
 """Native CPU kernels, built on first use with the machine's C++ compiler.
 
-One kernel so far: the image encoder's global attention on x86-64 CPUs with
-AVX-512 (`kernels/global_attention.cc`, an XLA FFI custom call).  XLA:CPU runs
-that attention's matmuls (head dim 64) at 40-45 % of its dense matmul rate;
-the kernel runs them at the core's FMA rate and splits (image, head) pairs
-over XLA's threads (BENCHMARKS.md §0.2).
+The image encoder's attention, global and windowed, on x86-64 CPUs with
+AVX-512 (`kernels/encoder_attention.cc`, XLA FFI custom calls).  XLA:CPU runs
+those matmuls (head dim 64; 196-token windows) at 25-45 % of its dense matmul
+rate; the kernels run them at the core's FMA rate and split (image, head) or
+(window, head) pairs over XLA's threads (BENCHMARKS.md §0.2).  Selected by the
+encoder attention "cpu_kernel", which "auto" picks where it is usable.
 
 It is optional.  Without a compiler, on a CPU without AVX-512, with several
 JAX devices (sharded programs: XLA cannot partition a custom call), with
@@ -38,7 +39,8 @@ import numpy as np
 ENV = "AOPSAM_CPU_KERNELS"
 CACHE_ENV = "AOPSAM_KERNEL_CACHE"
 TARGET = "aopsam_global_attention"
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "global_attention.cc")
+WINDOW_TARGET = "aopsam_window_attention"
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "encoder_attention.cc")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mfma", "-fno-math-errno")
 
 _state = {"status": None, "reason": ""}
@@ -73,7 +75,7 @@ def _library_path(compiler: str) -> str:
   for part in (open(SOURCE, "rb").read(), " ".join(FLAGS).encode(), version.encode(),
                open(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h"), "rb").read()):
     digest.update(part)
-  return os.path.join(cache_dir(), f"global_attention-{digest.hexdigest()[:16]}.so")
+  return os.path.join(cache_dir(), f"encoder_attention-{digest.hexdigest()[:16]}.so")
 
 
 def build(compiler: str) -> str:
@@ -109,6 +111,8 @@ def _load() -> tuple[bool, str]:
   try:
     lib = ctypes.cdll.LoadLibrary(build(compiler))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.AopsamGlobalAttention), platform="cpu")
+    jax.ffi.register_ffi_target(WINDOW_TARGET, jax.ffi.pycapsule(lib.AopsamWindowAttention),
+                                platform="cpu")
   except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
     return False, f"building the kernel failed ({type(e).__name__}: {str(e).strip()[:500]})"
   return True, ""
@@ -126,7 +130,7 @@ def kernel_status() -> tuple[bool, str]:
 
 
 def enabled() -> bool:
-  """Whether the global-attention kernel is used for programs traced now:
+  """Whether the attention kernels are used for programs traced now:
   a CPU backend with a single device and a library that built."""
   return not unavailable_reason()
 
@@ -140,41 +144,68 @@ def unavailable_reason() -> str:
 
 
 def supports(h: int, w: int, head_dim: int, dtype) -> bool:
-  """Shapes and dtype the kernel handles (ViT-B/L/H at 1024: 64 x 64, hd 64/80)."""
+  """Shapes and dtype of global attention the kernel handles (ViT-B/L/H at
+  1024: a 64 x 64 grid, head dim 64 / 80)."""
   return (jnp.dtype(dtype) == jnp.float32 and head_dim % 16 == 0 and head_dim <= 80
           and h % 16 == 0 and w % 16 == 0)
 
 
-def _call(qkv, rht, rwt, num_heads: int, scale: float):
-  b, h, w, c3 = qkv.shape
-  out = jax.ShapeDtypeStruct((b, h, w, c3 // 3), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+def supports_windows(window: int, head_dim: int, dtype) -> bool:
+  """Windowed attention the kernel handles (SAM: 14 x 14 windows)."""
+  return (jnp.dtype(dtype) == jnp.float32 and head_dim % 16 == 0 and head_dim <= 80
+          and window % 2 == 0 and window <= 16)
+
+
+def _call(target, qkv, rht, rwt, num_heads: int, scale: float):
+  out = jax.ShapeDtypeStruct(qkv.shape[:-1] + (qkv.shape[-1] // 3,), jnp.float32)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
       qkv, rht, rwt, num_heads=np.int64(num_heads), scale=np.float32(scale))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def global_attention(qkv, rh, rw, num_heads: int, scale: float, reference):
-  """Attention of (B, H, W, 3C) token-major qkv with rel-pos tables rh (H, H, hd),
-  rw (W, W, hd) -> (B, H, W, C).  `reference(qkv, rh, rw)` is the same function
-  in XLA, used for gradients."""
-  return _call(qkv, rh.transpose(0, 2, 1), rw.transpose(0, 2, 1), num_heads, scale)
+def _with_xla_gradient(forward):
+  """forward(qkv, rh, rw, num_heads, scale) as a custom_vjp whose backward
+  pass differentiates `reference(qkv, rh, rw)`, the same function in XLA."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+  def f(qkv, rh, rw, num_heads, scale, reference):
+    return forward(qkv, rh, rw, num_heads, scale)
+
+  def fwd(qkv, rh, rw, num_heads, scale, reference):
+    return forward(qkv, rh, rw, num_heads, scale), (qkv, rh, rw)
+
+  def bwd(num_heads, scale, reference, saved, g):
+    return jax.vjp(reference, *saved)[1](g)
+
+  f.defvjp(fwd, bwd)
+  return f
 
 
-def _fwd(qkv, rh, rw, num_heads, scale, reference):
-  return global_attention(qkv, rh, rw, num_heads, scale, reference), (qkv, rh, rw)
+def _transposed(table):  # (a, a', hd) -> (a, hd, a')
+  return table.transpose(0, 2, 1)
 
 
-def _bwd(num_heads, scale, reference, saved, g):
-  return jax.vjp(reference, *saved)[1](g)
+def _transposed16(table):  # (ws, ws, hd) -> (ws, hd, 16), zeros beyond ws
+  return jnp.pad(_transposed(table), ((0, 0), (0, 0), (0, 16 - table.shape[1])))
 
 
-global_attention.defvjp(_fwd, _bwd)
+global_attention = _with_xla_gradient(
+    lambda qkv, rh, rw, heads, scale: _call(TARGET, qkv, _transposed(rh), _transposed(rw),
+                                            heads, scale))
+global_attention.__doc__ = """global_attention(qkv, rh, rw, num_heads, scale, reference):
+(B, H, W, 3C) token-major qkv, rel-pos tables rh (H, H, hd), rw (W, W, hd)
+-> (B, H, W, C).  `reference(qkv, rh, rw)`: the same in XLA, for gradients."""
+
+window_attention = _with_xla_gradient(
+    lambda qkv, rh, rw, heads, scale: _call(WINDOW_TARGET, qkv, _transposed16(rh),
+                                            _transposed16(rw), heads, scale))
+window_attention.__doc__ = """window_attention(qkv, rh, rw, num_heads, scale, reference):
+(N, ws, k*ws, 3C) rows of ws x ws windows, tables (ws, ws, hd) -> (N, ws, k*ws, C)."""
 
 
 def describe() -> str:
   """One line for system reports."""
   ok, reason = kernel_status()
-  return "native global attention (AVX-512)" if ok else f"XLA attention ({reason})"
+  return "native encoder attention (AVX-512)" if ok else f"XLA attention ({reason})"
 
 
 if __name__ == "__main__":  # python -m aopsam_jax.sam.cpu_kernels: build now, say what happened

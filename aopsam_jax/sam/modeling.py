@@ -278,12 +278,23 @@ class EncoderAttention(nnx.Module):
               else jnp.zeros((3 * c,), qkv.dtype))
       padded = jnp.broadcast_to(bias, (window, wp, 3 * c))
       qkv = jax.lax.dynamic_update_slice(padded, qkv, (0, 0, 0))
-    nw = wp // window
-    qkv = qkv.reshape(window, nw, window, 3, nh, hd)
-    q, k, v = qkv.transpose(3, 1, 4, 0, 2, 5).reshape(3, nw * nh, window * window, hd)
-    out = self._attend(q, k, v, *rel, block=q.shape[0] * q.shape[1] ** 2)  # the row at once
-    out = out.reshape(nw, nh, window, window, hd).transpose(2, 0, 3, 1, 4)
-    return self.proj(out.reshape(window, wp, c)[:, :w])
+    if (resolve_attention(self.impl) == "cpu_kernel"
+        and cpu_kernels.supports_windows(window, hd, qkv.dtype)):
+      out = cpu_kernels.window_attention(qkv[None], *rel, nh, self.scale, self._window_core_xla)
+    else:
+      out = self._window_core_xla(qkv[None], *rel)
+    return self.proj(out[0, :, :w])
+
+  def _window_core_xla(self, qkv: Array, rh: Array, rw: Array) -> Array:
+    """(N, ws, wp, 3C) rows of windows -> (N, ws, wp, C) attention output:
+    each row's window-heads moved head-major and through `_attend` at once."""
+    n, window, wp, c3 = qkv.shape
+    nh, hd, nw = self.num_heads, c3 // (3 * self.num_heads), wp // window
+    qkv = qkv.reshape(n, window, nw, window, 3, nh, hd)
+    q, k, v = qkv.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, n * nw * nh, window * window, hd)
+    out = self._attend(q, k, v, rh, rw, block=nw * nh * window**4)  # a row at once
+    out = out.reshape(n, nw, nh, window, window, hd).transpose(0, 3, 1, 4, 2, 5)
+    return out.reshape(n, window, wp, nh * hd)
 
   def _attend(self, q: Array, k: Array, v: Array, rh: Array, rw: Array,
               block: Optional[int] = None) -> Array:

@@ -1,19 +1,23 @@
-// Global attention of SAM's image encoder for x86-64 CPUs with AVX-512, float32.
+// Attention of SAM's image encoder for x86-64 CPUs with AVX-512, float32:
+// the global blocks' (GlobalAttention) and the windowed blocks' (WindowAttention).
 //
-//   out[b, i, head] = softmax_j(scale * q_i . k_j + rel_h[i, y_j] + rel_w[i, x_j]) v_j
+//   out[i] = softmax_j(scale * q_i . k_j + rel_h[i, y_j] + rel_w[i, x_j]) v_j
 //   rel_h[i, y'] = q_i . Rh[y_i, y', :],  rel_w[i, x'] = q_i . Rw[x_i, x', :]  (unscaled q)
 //
-// one XLA FFI call for every (image, head) of a block, q/k/v read straight from
-// the token-major qkv projection and the output written token-major for proj.
+// over the whole grid (global) or inside each ws x ws window.  One XLA FFI
+// call per global block, or per row of windows; q/k/v are read straight from
+// the token-major qkv projection and the output is written token-major for proj.
 // Why a kernel: XLA:CPU runs these matmuls (contraction 64 for q k^T, 64 output
-// columns for p v) at 40-45 % of its dense matmul rate and scales them to two
-// threads by 1.5-1.7x; here each (image, head, band of query rows) is one task
-// on XLA's intra-op thread pool, and every product runs from L1 in register
-// tiles at the core's FMA rate (measured 260-270 GFLOP/s per Zen 5 core).
+// columns for p v; 196 x 196 per window) at 25-45 % of its dense matmul rate
+// and scales them to two threads by 1.5-1.7x.  Here each (image, head, band of
+// query rows), or (window, head), is one task on XLA's intra-op thread pool,
+// and every product runs from L1 in register tiles at the core's FMA rate
+// (measured 260-270 GFLOP/s per Zen 5 core).
 //
-// Exact softmax per query row (the row maximum first, then exp and p v), in
-// blocks of about 64 queries whose logits (64 x N) stay in L2.
-// Requires: head dim a multiple of 16 up to 80, grid H and W multiples of 16.
+// Exact softmax per query row (the row maximum first, then exp and p v); global
+// attention in blocks of about 64 queries whose logits (64 x N) stay in L2.
+// Requires: head dim a multiple of 16 up to 80; global: grid H and W multiples
+// of 16; windowed: an even window of at most 16.
 // Built by aopsam_jax/sam/cpu_kernels.py with -O3 -mavx512f -mfma.
 
 #include <immintrin.h>
@@ -244,26 +248,161 @@ void run_task(const Problem& p, int64_t b, int64_t head, int64_t ya, int64_t yb)
   }
 }
 
-// Tasks pulled from a shared counter by the caller and by workers scheduled
-// on XLA's pool; the caller returns once no task is left and none is running.
-// A worker that starts late finds no task and touches only the shared state.
+// Window attention: one (row of windows, window, head) per task.
+struct WindowProblem {
+  const float* qkv;  // (N, ws, wp, 3C): rows of windows, padded to whole windows
+  const float* rht;  // (ws, hd, 16): Rh[a, a', d] as [a][d][a'], zero beyond a' = ws
+  const float* rwt;  // (ws, hd, 16)
+  float* out;        // (N, ws, wp, C)
+  int64_t ws, wp, heads, hd;
+  float scale;
+  int64_t c() const { return heads * hd; }
+};
+
+// Logits of kRows queries x 16V keys of a window (kp keys: t = ws^2 real,
+// the rest padding at -inf), plus the rel-pos bias gathered per lane from
+// the query's rel_h / rel_w rows (16 floats each) by the key's (row, column).
+template <int V>
+__attribute__((noinline)) void window_logits_tile(const float* qs, int64_t hd, const float* kt,
+                                                  int64_t kp, int64_t jv, const float* rh,
+                                                  const float* rw, const __m512i* key_row,
+                                                  const __m512i* key_col, const __mmask16* real,
+                                                  float* s, int64_t ls, __m512* row_max) {
+  __m512 acc[kRows][V];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < V; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; ++d) {
+    __m512 kv[V];
+    for (int c = 0; c < V; ++c) {
+      kv[c] = _mm512_loadu_ps(kt + d * kp + 16 * (jv + c));
+      AOP_PIN(kv[c]);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 qv = _mm512_set1_ps(qs[r * hd + d]);
+      for (int c = 0; c < V; ++c) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
+    }
+  }
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 hrow = _mm512_loadu_ps(rh + r * 16), wrow = _mm512_loadu_ps(rw + r * 16);
+    __m512 m = row_max[r];
+    for (int c = 0; c < V; ++c) {
+      const __m512 bias = _mm512_add_ps(_mm512_permutexvar_ps(key_row[jv + c], hrow),
+                                        _mm512_permutexvar_ps(key_col[jv + c], wrow));
+      const __m512 val = _mm512_mask_mov_ps(minus_inf, real[jv + c], _mm512_add_ps(acc[r][c], bias));
+      _mm512_storeu_ps(s + r * ls + 16 * (jv + c), val);
+      m = _mm512_max_ps(m, val);
+    }
+    row_max[r] = m;
+  }
+}
+
+void run_window(const WindowProblem& p, int64_t row, int64_t win, int64_t head) {
+  static thread_local Scratch scratch;
+  const int64_t ws = p.ws, hd = p.hd, t = ws * ws, kp = (t + 15) / 16 * 16, nv = kp / 16;
+  const int64_t stride = 3 * p.c(), ls = kp + 16;
+  float* qs = scratch.get(t * (3 * hd + 32 + ls + 2) + hd * kp);
+  float* kt = qs + t * hd;
+  float* v = kt + hd * kp;
+  float* rel_h = v + t * hd;
+  float* rel_w = rel_h + t * 16;
+  float* s = rel_w + t * 16;
+  float* o = s + t * ls;
+  float* sums = o + t * hd;
+  const float* base = p.qkv + (row * ws * p.wp + win * ws) * stride + head * hd;
+  auto token = [&](int64_t i) { return (i / ws) * p.wp + i % ws; };  // window query -> row token
+  for (int64_t i = 0; i < t; ++i) {
+    const float* src = base + token(i) * stride;
+    for (int64_t d = 0; d < hd; ++d) {
+      qs[i * hd + d] = src[d] * p.scale;
+      kt[d * kp + i] = src[p.c() + d];
+    }
+    std::copy(src + 2 * p.c(), src + 2 * p.c() + hd, v + i * hd);
+  }
+  for (int64_t d = 0; d < hd; ++d) std::fill(kt + d * kp + t, kt + (d + 1) * kp, 0.0f);
+  // rel-pos terms (unscaled q): per window row against Rh[a], per column against Rw[c].
+  for (int64_t a = 0; a < ws; ++a)
+    gemm(ws, 16, base + a * p.wp * stride, stride, p.rht + a * hd * 16, 16, hd,
+         rel_h + a * ws * 16, 16, false);
+  for (int64_t c = 0; c < ws; ++c)
+    gemm(ws, 16, base + c * stride, p.wp * stride, p.rwt + c * hd * 16, 16, hd,
+         rel_w + c * 16, ws * 16, false);
+  __m512i key_row[16], key_col[16];
+  __mmask16 real[16];
+  for (int64_t jv = 0; jv < nv; ++jv) {
+    alignas(64) int32_t kr[16], kc[16];
+    for (int l = 0; l < 16; ++l) {
+      const int64_t j = std::min(16 * jv + l, t - 1);
+      kr[l] = static_cast<int32_t>(j / ws);
+      kc[l] = static_cast<int32_t>(j % ws);
+    }
+    key_row[jv] = _mm512_load_si512(kr);
+    key_col[jv] = _mm512_load_si512(kc);
+    const int64_t left = t - 16 * jv;
+    real[jv] = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  }
+  __m512 row_max[kRows];
+  for (int64_t i = 0; i < t; i += kRows) {
+    for (int r = 0; r < kRows; ++r) row_max[r] = _mm512_set1_ps(-INFINITY);
+    for (int64_t jv = 0; jv < nv; jv += 4) {
+      const float *q4 = qs + i * hd, *rh = rel_h + i * 16, *rw = rel_w + i * 16;
+      float* s4 = s + i * ls;
+      switch (std::min<int64_t>(4, nv - jv)) {
+        case 4: window_logits_tile<4>(q4, hd, kt, kp, jv, rh, rw, key_row, key_col, real, s4, ls, row_max); break;
+        case 3: window_logits_tile<3>(q4, hd, kt, kp, jv, rh, rw, key_row, key_col, real, s4, ls, row_max); break;
+        case 2: window_logits_tile<2>(q4, hd, kt, kp, jv, rh, rw, key_row, key_col, real, s4, ls, row_max); break;
+        default: window_logits_tile<1>(q4, hd, kt, kp, jv, rh, rw, key_row, key_col, real, s4, ls, row_max); break;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(row_max[r]));
+      __m512 acc = _mm512_setzero_ps();
+      float* srow = s + (i + r) * ls;
+      for (int64_t j = 0; j < kp; j += 16) {
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(srow + j), mx));
+        _mm512_storeu_ps(srow + j, e);
+        acc = _mm512_add_ps(acc, e);
+      }
+      sums[i + r] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  gemm(t, hd, s, ls, v, hd, t, o, hd, false);
+  float* dst = p.out + (row * ws * p.wp + win * ws) * p.c() + head * hd;
+  for (int64_t i = 0; i < t; ++i)
+    for (int64_t d = 0; d < hd; ++d) dst[token(i) * p.c() + d] = o[i * hd + d] / sums[i];
+}
+
+// run(0 .. tasks-1) on the caller and on workers scheduled on XLA's pool,
+// pulling task numbers from a shared counter; returns once no task is left
+// and none is running.  A worker that starts late finds no task and touches
+// only the shared state, which it co-owns.
 struct TaskQueue {
   std::atomic<int64_t> next{0}, active{0};
   std::mutex mu;
   std::condition_variable cv;
 };
 
-void drain(const Problem& p, int64_t tasks, TaskQueue& queue) {
+template <typename Run>
+void drain(const Run& run, int64_t tasks, TaskQueue& queue) {
   queue.active.fetch_add(1);
-  for (int64_t t; (t = queue.next.fetch_add(1)) < tasks;) {
-    const int64_t z = t / p.splits, part = t % p.splits;
-    run_task(p, z / p.heads, z % p.heads, p.h * part / p.splits, p.h * (part + 1) / p.splits);
-  }
+  for (int64_t t; (t = queue.next.fetch_add(1)) < tasks;) run(t);
   if (queue.active.fetch_sub(1) == 1) {
     std::lock_guard<std::mutex> lock(queue.mu);
     queue.cv.notify_all();
   }
 }
+
+template <typename Run>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const Run& run) {
+  auto queue = std::make_shared<TaskQueue>();
+  const int64_t workers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), tasks) - 1;
+  for (int64_t i = 0; i < workers; ++i) pool.Schedule([run, tasks, queue] { drain(run, tasks, *queue); });
+  drain(run, tasks, *queue);
+  std::unique_lock<std::mutex> lock(queue->mu);
+  queue->cv.wait(lock, [&] { return queue->active.load() == 0; });
+}
+
+bool head_dim_ok(int64_t hd) { return hd > 0 && hd % 16 == 0 && hd <= 80; }
 
 ffi::Error GlobalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                            ffi::Buffer<ffi::F32> rht, ffi::Buffer<ffi::F32> rwt,
@@ -273,31 +412,48 @@ ffi::Error GlobalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
     return ffi::Error::InvalidArgument("global_attention: qkv must be (B, H, W, 3 * heads * hd)");
   Problem p{qkv.typed_data(), rht.typed_data(), rwt.typed_data(), out->typed_data(),
             dims[1], dims[2], num_heads, dims[3] / (3 * num_heads), 1, scale};
-  if (p.hd % 16 || p.hd > 80 || p.h % 16 || p.w % 16)
+  if (!head_dim_ok(p.hd) || p.h % 16 || p.w % 16)
     return ffi::Error::InvalidArgument("global_attention: head dim, H and W must be multiples of 16");
-  const int64_t images = dims[0], threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads()), pairs = dims[0] * num_heads;
   // Enough tasks to keep every thread busy: split heads into bands of rows
   // when there are fewer (image, head) pairs than a multiple of the threads.
-  const int64_t pairs = images * num_heads;
   while ((pairs * p.splits) % threads && p.splits < p.h / 16) ++p.splits;
-  const int64_t tasks = pairs * p.splits;
-  auto queue = std::make_shared<TaskQueue>();
-  const int64_t workers = std::min(threads, tasks) - 1;
-  for (int64_t i = 0; i < workers; ++i) pool.Schedule([p, tasks, queue] { drain(p, tasks, *queue); });
-  drain(p, tasks, *queue);
-  std::unique_lock<std::mutex> lock(queue->mu);
-  queue->cv.wait(lock, [&] { return queue->active.load() == 0; });
+  parallel_for(pool, pairs * p.splits, [p](int64_t t) {
+    const int64_t z = t / p.splits, part = t % p.splits;
+    run_task(p, z / p.heads, z % p.heads, p.h * part / p.splits, p.h * (part + 1) / p.splits);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                           ffi::Buffer<ffi::F32> rht, ffi::Buffer<ffi::F32> rwt,
+                           ffi::ResultBuffer<ffi::F32> out, int64_t num_heads, float scale) {
+  const auto dims = qkv.dimensions();
+  if (dims.size() != 4 || num_heads <= 0 || dims[3] % (3 * num_heads) || dims[2] % dims[1])
+    return ffi::Error::InvalidArgument(
+        "window_attention: qkv must be (N, ws, k * ws, 3 * heads * hd)");
+  WindowProblem p{qkv.typed_data(), rht.typed_data(), rwt.typed_data(), out->typed_data(),
+                  dims[1], dims[2], num_heads, dims[3] / (3 * num_heads), scale};
+  if (!head_dim_ok(p.hd) || p.ws > 16 || p.ws % 2)
+    return ffi::Error::InvalidArgument("window_attention: needs an even window <= 16, head dim 16k <= 80");
+  const int64_t per_row = (p.wp / p.ws) * num_heads;
+  parallel_for(pool, dims[0] * per_row, [p, per_row](int64_t t) {
+    run_window(p, t / per_row, (t % per_row) / p.heads, t % p.heads);
+  });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AopsamGlobalAttention, GlobalAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("num_heads")
-                                  .Attr<float>("scale"));
+#define AOPSAM_ATTENTION_BINDING                 \
+  ffi::Ffi::Bind()                               \
+      .Ctx<ffi::ThreadPool>()                    \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Arg<ffi::Buffer<ffi::F32>>()              \
+      .Ret<ffi::Buffer<ffi::F32>>()              \
+      .Attr<int64_t>("num_heads")                \
+      .Attr<float>("scale")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AopsamGlobalAttention, GlobalAttention, AOPSAM_ATTENTION_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AopsamWindowAttention, WindowAttention, AOPSAM_ATTENTION_BINDING);
