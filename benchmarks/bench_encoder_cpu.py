@@ -32,7 +32,7 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from aopsam_jax.sam import modeling  # noqa: E402
+from aopsam_jax.sam import cpu_kernels, modeling  # noqa: E402
 from aopsam_jax.sam.compile_options import jit  # noqa: E402
 from aopsam_jax.sam.config import SAM_CONFIGS  # noqa: E402
 from benchmarks.device_check import encoder_flops  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
       f"{'/'.join(f'{v:.1f}' for v in load1)} at the end.  Batch 1, float32, "
       f"{flops / 1e12:.3f} TFLOP per image (official algorithm).  Same-run float32 2048^3 matmul: "
       f"{peak_w / 1e9:.0f} GFLOP/s per wall second, {peak_c / 1e9:.0f} per CPU second (best of "
-      f"{len(mm_times)}).", "",
+      f"{len(mm_times)}).  This checkout's CPU attention: {cpu_kernels.describe()}.", "",
       "| variant | wall s, min / median | CPU s, min / median | GFLOP/s (wall, min) | "
       "share of matmul rate (wall) | share of matmul rate (CPU) | rel. L2 vs baseline |",
       "|---|---|---|---|---|---|---|"]

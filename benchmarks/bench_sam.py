@@ -45,6 +45,11 @@ from aopsam_jax.sysinfo import cpu_model  # noqa: E402
 from benchmarks.tables import write_table  # noqa: E402
 
 
+def _attention() -> str:
+  from aopsam_jax.sam import cpu_kernels, modeling
+  return f"{modeling.resolve_attention('auto')} ({cpu_kernels.describe()})"
+
+
 def _load() -> str:
   try:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -244,6 +249,7 @@ def bench(args) -> str:
       f"numpy {np.__version__}, python {platform.python_version()} |",
       f"| torch threads | {torch.get_num_threads()} |",
       f"| JAX compute dtype | {args.dtype} (PyTorch: float32) |",
+      f"| JAX encoder attention | {_attention()} |",
       f"| load average (1/5/15 min) | start {load_start}; end {_load()} |",
       f"| image | {args.image or 'bundled sample.jpg'} ({w}x{h}) |",
       "",

@@ -9,7 +9,7 @@ encoder attention "cpu_kernel", which "auto" picks where it is usable.
 
 It is optional.  Without a compiler, on a CPU without AVX-512, with several
 JAX devices (sharded programs: XLA cannot partition a custom call), with
-`AOPSAM_CPU_KERNELS=off`, or when building fails (said once, as a warning),
+`AOPSAM_CPU_KERNELS=off`, or when building fails (said once, in one line on stderr),
 the encoder uses its pure-XLA attention ("chunked"): same function.
 
 The shared library goes to `$AOPSAM_KERNEL_CACHE`, else
@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from typing import Optional
 
 import jax
@@ -90,7 +89,11 @@ def build(compiler: str) -> str:
     cmd = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
+      log = path[:-3] + ".log"
+      with open(log, "w") as f:
+        f.write(f"{' '.join(cmd)}\nexit status {done.returncode}\n{done.stdout}{done.stderr}")
+      raise RuntimeError(f"{os.path.basename(compiler)} exited with status {done.returncode}; "
+                         f"its output is in {log}")
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
   finally:
@@ -114,7 +117,8 @@ def _load() -> tuple[bool, str]:
     jax.ffi.register_ffi_target(WINDOW_TARGET, jax.ffi.pycapsule(lib.AopsamWindowAttention),
                                 platform="cpu")
   except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
-    return False, f"building the kernel failed ({type(e).__name__}: {str(e).strip()[:500]})"
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    return False, f"building the kernel failed ({type(e).__name__}: {first_line})"
   return True, ""
 
 
@@ -124,8 +128,9 @@ def kernel_status() -> tuple[bool, str]:
     ok, reason = _load()
     _state["status"], _state["reason"] = ok, reason
     if not ok and not reason.startswith(ENV) and "AVX-512" not in reason:
-      warnings.warn(f"aopsam_jax: native CPU attention unavailable, using XLA's: {reason}",
-                    RuntimeWarning, stacklevel=3)
+      # One line, once per process: the results are the same, only slower.
+      print(f"aopsam_jax: native CPU attention unavailable, using XLA's: {reason} "
+            f"({ENV}=off silences this)", file=sys.stderr, flush=True)
   return _state["status"], _state["reason"]
 
 
