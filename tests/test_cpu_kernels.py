@@ -92,7 +92,7 @@ def test_gradient_and_vmap_follow_the_xla_path():
   qkv = jnp.asarray(np.random.default_rng(3).normal(size=(1, 16, 16, 192)), jnp.float32)
   rh, rw = att.rel_tables(16, 16, jnp.float32)
   kernel = lambda a, x, y: cpu_kernels.global_attention(a, x, y, 2, att.scale, att._global_xla)
-  loss = lambda f: (lambda a, x, y: jnp.sum(jnp.sin(f(a, x, y))))
+  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
   g_kernel = jax.grad(loss(kernel), argnums=(0, 1, 2))(qkv, rh, rw)
   g_xla = jax.grad(loss(att._global_xla), argnums=(0, 1, 2))(qkv, rh, rw)
   for a, b in zip(g_kernel, g_xla):
@@ -100,34 +100,46 @@ def test_gradient_and_vmap_follow_the_xla_path():
   stacked = jnp.stack([qkv, 2 * qkv])
   batched = jax.vmap(kernel, in_axes=(0, None, None))(stacked, rh, rw)
   assert rel_err(batched[1], kernel(2 * qkv, rh, rw)) < 1e-6
-  # windows: 2 windows of 8 x 8 in one row
+  # windows: 2 windows of 8 x 8 in one row, the second with 5 real columns
   watt = _module(8, 8, 2, 16, seed=7)
-  wqkv = jnp.asarray(np.random.default_rng(8).normal(size=(1, 8, 16, 96)), jnp.float32)
+  r = np.random.default_rng(8)
+  wqkv = jnp.asarray(r.normal(size=(1, 8, 13, 96)), jnp.float32)
+  wbias = jnp.asarray(r.normal(size=(96,)), jnp.float32)
   wrh, wrw = watt.rel_tables(8, 8, jnp.float32)
-  wk = lambda a, x, y: cpu_kernels.window_attention(a, x, y, 2, watt.scale, watt._window_core_xla)
-  g_kernel = jax.grad(loss(wk), argnums=(0, 1, 2))(wqkv, wrh, wrw)
-  g_xla = jax.grad(loss(watt._window_core_xla), argnums=(0, 1, 2))(wqkv, wrh, wrw)
+  wk = lambda *a: cpu_kernels.window_attention(*a, 2, watt.scale, watt._window_core_xla)
+  args = (wqkv, wrh, wrw, wbias)
+  g_kernel = jax.grad(loss(wk), argnums=(0, 1, 2, 3))(*args)
+  g_xla = jax.grad(loss(watt._window_core_xla), argnums=(0, 1, 2, 3))(*args)
   for a, b in zip(g_kernel, g_xla):
     assert rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("n,ws,nw,heads,hd", [
-    (1, 14, 5, 12, 64),  # ViT-B at 1024: a row of 5 windows of 14 x 14
-    (2, 14, 2, 3, 80),   # ViT-H head dim, two rows
-    (1, 8, 3, 2, 16),    # 64 keys per window: no padding keys
+@pytest.mark.parametrize("n,ws,w,heads,hd", [
+    (1, 14, 64, 12, 64),  # ViT-B at 1024: a row of 5 windows of 14 x 14, the last 8 columns wide
+    (2, 14, 28, 3, 80),   # ViT-H head dim, two rows, no padding columns
+    (1, 8, 19, 2, 16),    # 64 keys per window (no padding keys); 3 real columns in the last
+    (1, 14, 15, 1, 32),   # 1 real column in the last window: 14 queries, 2 of them tile filler
 ])
-def test_window_kernel_matches_xla_and_formula(n, ws, nw, heads, hd):
+def test_window_kernel_matches_xla_and_formula(n, ws, w, heads, hd):
   att = _module(ws, ws, heads, hd, seed=ws + hd)
   r = np.random.default_rng(6)
-  qkv = jnp.asarray(r.normal(size=(n, ws, nw * ws, 3 * heads * hd)), jnp.float32)
+  c3 = 3 * heads * hd
+  qkv = jnp.asarray(r.normal(size=(n, ws, w, c3)), jnp.float32)
+  bias = jnp.asarray(r.normal(size=(c3,)), jnp.float32)
   rh, rw = att.rel_tables(ws, ws, jnp.float32)
-  ours = jax.jit(lambda a, x, y: cpu_kernels.window_attention(a, x, y, heads, att.scale,
-                                                              att._window_core_xla))(qkv, rh, rw)
-  xla = jax.jit(att._window_core_xla)(qkv, rh, rw)
-  # each window on its own is global attention over a ws x ws grid
-  win = np.asarray(qkv).reshape(n, ws, nw, ws, -1).transpose(0, 2, 1, 3, 4).reshape(n * nw, ws, ws, -1)
+  ours = jax.jit(lambda *a: cpu_kernels.window_attention(*a, heads, att.scale,
+                                                         att._window_core_xla))(qkv, rh, rw, bias)
+  xla = jax.jit(att._window_core_xla)(qkv, rh, rw, bias)
+  # the official form: pad the columns with the bias (the qkv of a zero input), then each
+  # window on its own is global attention over a ws x ws grid; crop the padding away
+  nw = -(-w // ws)
+  full = np.broadcast_to(np.asarray(bias), (n, ws, nw * ws, c3)).copy()
+  full[:, :, :w] = np.asarray(qkv)
+  win = full.reshape(n, ws, nw, ws, c3).transpose(0, 2, 1, 3, 4).reshape(n * nw, ws, ws, c3)
   ref = _reference_core(win, rh, rw, heads, att.scale)
   ref = ref.reshape(n, nw, ws, ws, -1).transpose(0, 2, 1, 3, 4).reshape(n, ws, nw * ws, -1)
+  ref = ref[:, :, :w]
+  assert ours.shape == xla.shape == ref.shape
   assert rel_err(xla, ref) < 1e-5 and rel_err(ours, ref) < 1e-5
   assert rel_err(ours, ref) < 2 * rel_err(xla, ref)
 

@@ -161,22 +161,25 @@ def supports_windows(window: int, head_dim: int, dtype) -> bool:
           and window % 2 == 0 and window <= 16)
 
 
-def _call(target, qkv, rht, rwt, num_heads: int, scale: float):
+def _call(target, *arrays, num_heads: int, scale: float):
+  qkv = arrays[0]
   out = jax.ShapeDtypeStruct(qkv.shape[:-1] + (qkv.shape[-1] // 3,), jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      qkv, rht, rwt, num_heads=np.int64(num_heads), scale=np.float32(scale))
+      *arrays, num_heads=np.int64(num_heads), scale=np.float32(scale))
 
 
-def _with_xla_gradient(forward):
-  """forward(qkv, rh, rw, num_heads, scale) as a custom_vjp whose backward
-  pass differentiates `reference(qkv, rh, rw)`, the same function in XLA."""
+def _with_xla_gradient(forward, n_arrays: int):
+  """forward(*arrays, num_heads, scale) as a custom_vjp (arrays first, then
+  num_heads, scale, reference) whose backward pass differentiates
+  `reference(*arrays)`, the same function in XLA."""
+  static = tuple(range(n_arrays, n_arrays + 3))
 
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-  def f(qkv, rh, rw, num_heads, scale, reference):
-    return forward(qkv, rh, rw, num_heads, scale)
+  @functools.partial(jax.custom_vjp, nondiff_argnums=static)
+  def f(*args):
+    return forward(*args[:n_arrays + 2])
 
-  def fwd(qkv, rh, rw, num_heads, scale, reference):
-    return forward(qkv, rh, rw, num_heads, scale), (qkv, rh, rw)
+  def fwd(*args):
+    return forward(*args[:n_arrays + 2]), args[:n_arrays]
 
   def bwd(num_heads, scale, reference, saved, g):
     return jax.vjp(reference, *saved)[1](g)
@@ -195,16 +198,19 @@ def _transposed16(table):  # (ws, ws, hd) -> (ws, hd, 16), zeros beyond ws
 
 global_attention = _with_xla_gradient(
     lambda qkv, rh, rw, heads, scale: _call(TARGET, qkv, _transposed(rh), _transposed(rw),
-                                            heads, scale))
+                                            num_heads=heads, scale=scale), 3)
 global_attention.__doc__ = """global_attention(qkv, rh, rw, num_heads, scale, reference):
 (B, H, W, 3C) token-major qkv, rel-pos tables rh (H, H, hd), rw (W, W, hd)
 -> (B, H, W, C).  `reference(qkv, rh, rw)`: the same in XLA, for gradients."""
 
 window_attention = _with_xla_gradient(
-    lambda qkv, rh, rw, heads, scale: _call(WINDOW_TARGET, qkv, _transposed16(rh),
-                                            _transposed16(rw), heads, scale))
-window_attention.__doc__ = """window_attention(qkv, rh, rw, num_heads, scale, reference):
-(N, ws, k*ws, 3C) rows of ws x ws windows, tables (ws, ws, hd) -> (N, ws, k*ws, C)."""
+    lambda qkv, rh, rw, bias, heads, scale: _call(
+        WINDOW_TARGET, qkv, bias, _transposed16(rh), _transposed16(rw), num_heads=heads,
+        scale=scale), 4)
+window_attention.__doc__ = """window_attention(qkv, rh, rw, bias, num_heads, scale, reference):
+(N, ws, w, 3C) rows of ws x ws windows without their padding columns, whose
+tokens' q, k, v are `bias` (3C,); tables (ws, ws, hd) -> (N, ws, w, C).
+`reference(qkv, rh, rw, bias)`: the same in XLA, for gradients."""
 
 
 def describe() -> str:

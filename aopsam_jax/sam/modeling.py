@@ -264,37 +264,38 @@ class EncoderAttention(nnx.Module):
     return out.reshape(b, hp, w, c)[:, :h]
 
   def _window_row(self, x: Array, window: int, rel: Tuple[Array, Array]) -> Array:
-    """Attention of one row of windows x (window, W, C) -> (window, W, C).
+    """Attention of one row of windows x (window, W, C) -> (window, W, C)."""
+    c = x.shape[-1]
+    qkv = self.qkv(x)
+    bias = (self.qkv.bias[...].astype(qkv.dtype) if self.qkv.bias is not None
+            else jnp.zeros((3 * c,), qkv.dtype))
+    if (resolve_attention(self.impl) == "cpu_kernel"
+        and cpu_kernels.supports_windows(window, c // self.num_heads, qkv.dtype)):
+      out = cpu_kernels.window_attention(qkv[None], *rel, bias, self.num_heads, self.scale,
+                                         self._window_core_xla)
+    else:
+      out = self._window_core_xla(qkv[None], *rel, bias)
+    return self.proj(out[0])
+
+  def _window_core_xla(self, qkv: Array, rh: Array, rw: Array, bias: Array) -> Array:
+    """(N, ws, W, 3C) rows of windows -> (N, ws, W, C) attention output.
 
     The padding columns (W..) are zero inputs in the official code, whose
     qkv is exactly the qkv bias (0 @ W + b = b): they are filled in with the
-    bias instead of going through the matmul."""
-    _, w, c = x.shape
-    nh, hd = self.num_heads, c // self.num_heads
+    bias instead of going through the matmul.  Each row's window-heads are
+    moved head-major and go through `_attend` at once."""
+    n, window, w, c3 = qkv.shape
+    nh, hd = self.num_heads, c3 // (3 * self.num_heads)
     wp = -(-w // window) * window
-    qkv = self.qkv(x)
+    nw = wp // window
     if wp != w:
-      bias = (self.qkv.bias[...].astype(qkv.dtype) if self.qkv.bias is not None
-              else jnp.zeros((3 * c,), qkv.dtype))
-      padded = jnp.broadcast_to(bias, (window, wp, 3 * c))
-      qkv = jax.lax.dynamic_update_slice(padded, qkv, (0, 0, 0))
-    if (resolve_attention(self.impl) == "cpu_kernel"
-        and cpu_kernels.supports_windows(window, hd, qkv.dtype)):
-      out = cpu_kernels.window_attention(qkv[None], *rel, nh, self.scale, self._window_core_xla)
-    else:
-      out = self._window_core_xla(qkv[None], *rel)
-    return self.proj(out[0, :, :w])
-
-  def _window_core_xla(self, qkv: Array, rh: Array, rw: Array) -> Array:
-    """(N, ws, wp, 3C) rows of windows -> (N, ws, wp, C) attention output:
-    each row's window-heads moved head-major and through `_attend` at once."""
-    n, window, wp, c3 = qkv.shape
-    nh, hd, nw = self.num_heads, c3 // (3 * self.num_heads), wp // window
+      padded = jnp.broadcast_to(bias, (n, window, wp, c3))
+      qkv = jax.lax.dynamic_update_slice(padded, qkv, (0, 0, 0, 0))
     qkv = qkv.reshape(n, window, nw, window, 3, nh, hd)
     q, k, v = qkv.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, n * nw * nh, window * window, hd)
     out = self._attend(q, k, v, rh, rw, block=nw * nh * window**4)  # a row at once
     out = out.reshape(n, nw, nh, window, window, hd).transpose(0, 3, 1, 4, 2, 5)
-    return out.reshape(n, window, wp, nh * hd)
+    return out.reshape(n, window, wp, nh * hd)[:, :, :w]
 
   def _attend(self, q: Array, k: Array, v: Array, rh: Array, rw: Array,
               block: Optional[int] = None) -> Array:

@@ -248,15 +248,20 @@ void run_task(const Problem& p, int64_t b, int64_t head, int64_t ya, int64_t yb)
   }
 }
 
-// Window attention: one (row of windows, window, head) per task.
+// Window attention: one (row of windows, window, head) per task.  The row
+// comes without its padding columns: those tokens are zero inputs in the
+// official code, so their q, k, v are the qkv bias, which the kernel uses in
+// their place; their queries' outputs are cropped away, so they are not computed.
 struct WindowProblem {
-  const float* qkv;  // (N, ws, wp, 3C): rows of windows, padded to whole windows
-  const float* rht;  // (ws, hd, 16): Rh[a, a', d] as [a][d][a'], zero beyond a' = ws
-  const float* rwt;  // (ws, hd, 16)
-  float* out;        // (N, ws, wp, C)
-  int64_t ws, wp, heads, hd;
+  const float* qkv;   // (N, ws, w, 3C): rows of windows, w real columns
+  const float* bias;  // (3C,): the qkv projection's bias (a padding token's q, k, v)
+  const float* rht;   // (ws, hd, 16): Rh[a, a', d] as [a][d][a'], zero beyond a' = ws
+  const float* rwt;   // (ws, hd, 16)
+  float* out;         // (N, ws, w, C)
+  int64_t ws, w, heads, hd;
   float scale;
   int64_t c() const { return heads * hd; }
+  int64_t windows() const { return (w + ws - 1) / ws; }
 };
 
 // Logits of kRows queries x 16V keys of a window (kp keys: t = ws^2 real,
@@ -300,33 +305,44 @@ __attribute__((noinline)) void window_logits_tile(const float* qs, int64_t hd, c
 void run_window(const WindowProblem& p, int64_t row, int64_t win, int64_t head) {
   static thread_local Scratch scratch;
   const int64_t ws = p.ws, hd = p.hd, t = ws * ws, kp = (t + 15) / 16 * 16, nv = kp / 16;
+  const int64_t cols = std::min(ws, p.w - win * ws);  // real columns of this window
+  const int64_t tq = ws * cols, tqp = (tq + kRows - 1) / kRows * kRows;  // its queries
   const int64_t stride = 3 * p.c(), ls = kp + 16;
-  float* qs = scratch.get(t * (3 * hd + 32 + ls + 2) + hd * kp);
-  float* kt = qs + t * hd;
+  float* qs = scratch.get(tqp * (3 * hd + 32 + ls + 2) + t * hd + hd * kp);
+  float* qraw = qs + tqp * hd;
+  float* kt = qraw + tqp * hd;
   float* v = kt + hd * kp;
   float* rel_h = v + t * hd;
-  float* rel_w = rel_h + t * 16;
-  float* s = rel_w + t * 16;
-  float* o = s + t * ls;
-  float* sums = o + t * hd;
-  const float* base = p.qkv + (row * ws * p.wp + win * ws) * stride + head * hd;
-  auto token = [&](int64_t i) { return (i / ws) * p.wp + i % ws; };  // window query -> row token
+  float* rel_w = rel_h + tqp * 16;
+  float* s = rel_w + tqp * 16;
+  float* o = s + tqp * ls;
+  float* sums = o + tqp * hd;
+  const float* base = p.qkv + (row * ws * p.w + win * ws) * stride + head * hd;
+  const float* pad = p.bias + head * hd;
+  // window token (a, c) -> its q (k, v at + C, + 2C): the bias in the padding columns
+  auto src = [&](int64_t a, int64_t c) { return c < cols ? base + (a * p.w + c) * stride : pad; };
   for (int64_t i = 0; i < t; ++i) {
-    const float* src = base + token(i) * stride;
-    for (int64_t d = 0; d < hd; ++d) {
-      qs[i * hd + d] = src[d] * p.scale;
-      kt[d * kp + i] = src[p.c() + d];
-    }
-    std::copy(src + 2 * p.c(), src + 2 * p.c() + hd, v + i * hd);
+    const float* x = src(i / ws, i % ws);
+    for (int64_t d = 0; d < hd; ++d) kt[d * kp + i] = x[p.c() + d];
+    std::copy(x + 2 * p.c(), x + 2 * p.c() + hd, v + i * hd);
   }
   for (int64_t d = 0; d < hd; ++d) std::fill(kt + d * kp + t, kt + (d + 1) * kp, 0.0f);
+  for (int64_t i = 0; i < tqp; ++i) {  // query i = (a, c), c < cols; rows past tq: copies
+    const float* x = src(std::min(i, tq - 1) / cols, std::min(i, tq - 1) % cols);
+    std::copy(x, x + hd, qraw + i * hd);
+    for (int64_t d = 0; d < hd; ++d) qs[i * hd + d] = x[d] * p.scale;
+  }
   // rel-pos terms (unscaled q): per window row against Rh[a], per column against Rw[c].
   for (int64_t a = 0; a < ws; ++a)
-    gemm(ws, 16, base + a * p.wp * stride, stride, p.rht + a * hd * 16, 16, hd,
-         rel_h + a * ws * 16, 16, false);
-  for (int64_t c = 0; c < ws; ++c)
-    gemm(ws, 16, base + c * stride, p.wp * stride, p.rwt + c * hd * 16, 16, hd,
-         rel_w + c * 16, ws * 16, false);
+    gemm(cols, 16, qraw + a * cols * hd, hd, p.rht + a * hd * 16, 16, hd,
+         rel_h + a * cols * 16, 16, false);
+  for (int64_t c = 0; c < cols; ++c)
+    gemm(ws, 16, qraw + c * hd, cols * hd, p.rwt + c * hd * 16, 16, hd,
+         rel_w + c * 16, cols * 16, false);
+  for (int64_t i = tq; i < tqp; ++i) {  // the copies' rel-pos rows
+    std::copy(rel_h + (tq - 1) * 16, rel_h + tq * 16, rel_h + i * 16);
+    std::copy(rel_w + (tq - 1) * 16, rel_w + tq * 16, rel_w + i * 16);
+  }
   __m512i key_row[16], key_col[16];
   __mmask16 real[16];
   for (int64_t jv = 0; jv < nv; ++jv) {
@@ -342,7 +358,7 @@ void run_window(const WindowProblem& p, int64_t row, int64_t win, int64_t head) 
     real[jv] = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
   }
   __m512 row_max[kRows];
-  for (int64_t i = 0; i < t; i += kRows) {
+  for (int64_t i = 0; i < tqp; i += kRows) {
     for (int r = 0; r < kRows; ++r) row_max[r] = _mm512_set1_ps(-INFINITY);
     for (int64_t jv = 0; jv < nv; jv += 4) {
       const float *q4 = qs + i * hd, *rh = rel_h + i * 16, *rw = rel_w + i * 16;
@@ -366,10 +382,11 @@ void run_window(const WindowProblem& p, int64_t row, int64_t win, int64_t head) 
       sums[i + r] = _mm512_reduce_add_ps(acc);
     }
   }
-  gemm(t, hd, s, ls, v, hd, t, o, hd, false);
-  float* dst = p.out + (row * ws * p.wp + win * ws) * p.c() + head * hd;
-  for (int64_t i = 0; i < t; ++i)
-    for (int64_t d = 0; d < hd; ++d) dst[token(i) * p.c() + d] = o[i * hd + d] / sums[i];
+  gemm(tqp, hd, s, ls, v, hd, t, o, hd, false);
+  float* dst = p.out + (row * ws * p.w + win * ws) * p.c() + head * hd;
+  for (int64_t i = 0; i < tq; ++i)
+    for (int64_t d = 0; d < hd; ++d)
+      dst[((i / cols) * p.w + i % cols) * p.c() + d] = o[i * hd + d] / sums[i];
 }
 
 // run(0 .. tasks-1) on the caller and on workers scheduled on XLA's pool,
@@ -426,17 +443,20 @@ ffi::Error GlobalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
 }
 
 ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
-                           ffi::Buffer<ffi::F32> rht, ffi::Buffer<ffi::F32> rwt,
-                           ffi::ResultBuffer<ffi::F32> out, int64_t num_heads, float scale) {
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> rht,
+                           ffi::Buffer<ffi::F32> rwt, ffi::ResultBuffer<ffi::F32> out,
+                           int64_t num_heads, float scale) {
   const auto dims = qkv.dimensions();
-  if (dims.size() != 4 || num_heads <= 0 || dims[3] % (3 * num_heads) || dims[2] % dims[1])
+  if (dims.size() != 4 || num_heads <= 0 || dims[3] % (3 * num_heads) ||
+      bias.element_count() != dims[3])
     return ffi::Error::InvalidArgument(
-        "window_attention: qkv must be (N, ws, k * ws, 3 * heads * hd)");
-  WindowProblem p{qkv.typed_data(), rht.typed_data(), rwt.typed_data(), out->typed_data(),
-                  dims[1], dims[2], num_heads, dims[3] / (3 * num_heads), scale};
+        "window_attention: qkv must be (N, ws, w, 3 * heads * hd), bias (3 * heads * hd,)");
+  WindowProblem p{qkv.typed_data(), bias.typed_data(), rht.typed_data(), rwt.typed_data(),
+                  out->typed_data(), dims[1], dims[2], num_heads, dims[3] / (3 * num_heads),
+                  scale};
   if (!head_dim_ok(p.hd) || p.ws > 16 || p.ws % 2)
     return ffi::Error::InvalidArgument("window_attention: needs an even window <= 16, head dim 16k <= 80");
-  const int64_t per_row = (p.wp / p.ws) * num_heads;
+  const int64_t per_row = p.windows() * num_heads;
   parallel_for(pool, dims[0] * per_row, [p, per_row](int64_t t) {
     run_window(p, t / per_row, (t % per_row) / p.heads, t % p.heads);
   });
@@ -456,4 +476,13 @@ ffi::Error WindowAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       .Attr<float>("scale")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AopsamGlobalAttention, GlobalAttention, AOPSAM_ATTENTION_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AopsamWindowAttention, WindowAttention, AOPSAM_ATTENTION_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AopsamWindowAttention, WindowAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_heads")
+                                  .Attr<float>("scale"));
