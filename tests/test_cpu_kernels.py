@@ -146,6 +146,7 @@ def test_window_kernel_matches_xla_and_formula(n, ws, w, heads, hd):
 
 def test_auto_picks_the_kernel_on_a_single_cpu_device():
   assert modeling.resolve_attention("auto") == "cpu_kernel"
+  assert cpu_kernels.describe() == "native encoder attention (AVX-512)"
 
 
 CHILD = """
@@ -177,6 +178,11 @@ def test_switched_off_falls_back_to_xla(env_extra, why):
   first, refused = out.splitlines()[0], out.splitlines()[1]
   assert first.startswith("chunked |") and why in first
   assert refused.startswith("refused: attention 'cpu_kernel' is unavailable") and why in refused
+  # the module's own report: one line, exit status 1
+  done = subprocess.run([sys.executable, "-m", "aopsam_jax.sam.cpu_kernels"], cwd=REPO,
+                        env=dict(os.environ, **env_extra), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 1 and done.stdout.startswith("XLA attention (") and why in done.stdout
 
 
 def test_failed_build_warns_once_and_falls_back(tmp_path):

@@ -215,10 +215,10 @@ tokens' q, k, v are `bias` (3C,); tables (ws, ws, hd) -> (N, ws, w, C).
 
 def describe() -> str:
   """One line for system reports."""
-  ok, reason = kernel_status()
-  return "native encoder attention (AVX-512)" if ok else f"XLA attention ({reason})"
+  reason = unavailable_reason()
+  return f"XLA attention ({reason})" if reason else "native encoder attention (AVX-512)"
 
 
 if __name__ == "__main__":  # python -m aopsam_jax.sam.cpu_kernels: build now, say what happened
   print(describe())
-  sys.exit(0 if kernel_status()[0] else 1)
+  sys.exit(0 if enabled() else 1)
