@@ -147,18 +147,19 @@ def unavailable_reason() -> str:
   return kernel_status()[1]
 
 
+def _head_dim_ok(head_dim: int, dtype) -> bool:
+  return jnp.dtype(dtype) == jnp.float32 and head_dim % 16 == 0 and head_dim <= 80
+
 
 def supports(h: int, w: int, head_dim: int, dtype) -> bool:
   """Shapes and dtype of global attention the kernel handles (ViT-B/L/H at
   1024: a 64 x 64 grid, head dim 64 / 80)."""
-  return (jnp.dtype(dtype) == jnp.float32 and head_dim % 16 == 0 and head_dim <= 80
-          and h % 16 == 0 and w % 16 == 0)
+  return _head_dim_ok(head_dim, dtype) and h % 16 == 0 and w % 16 == 0
 
 
 def supports_windows(window: int, head_dim: int, dtype) -> bool:
   """Windowed attention the kernel handles (SAM: 14 x 14 windows)."""
-  return (jnp.dtype(dtype) == jnp.float32 and head_dim % 16 == 0 and head_dim <= 80
-          and window % 2 == 0 and window <= 16)
+  return _head_dim_ok(head_dim, dtype) and window % 2 == 0 and window <= 16
 
 
 def _call(target, *arrays, num_heads: int, scale: float):

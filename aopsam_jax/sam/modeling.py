@@ -80,7 +80,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: Array) -> Array:
 
 ATTENTION_IMPLS = ("auto", "chunked", "cpu_kernel", "xla", "cudnn")
 # The implementations that walk heads / rows of windows in loops: "cpu_kernel"
-# is "chunked" with the global attention in the native kernel.
+# is "chunked" with the attention itself (global and windowed) in the native kernels.
 CHUNKED_IMPLS = ("chunked", "cpu_kernel")
 
 
@@ -151,11 +151,16 @@ class EncoderAttention(nnx.Module):
       took 26 % less time than all 12 heads x 64 queries, 256 queries 4 %
       less than 128 with two threads, and 12 (window, head) pairs per step
       2.5x less than all 300 at once.
+    * "cpu_kernel": the same loops, with the attention itself in native
+      AVX-512 kernels (`cpu_kernels`, XLA FFI custom calls): global attention
+      one call per block, windowed one call per row of windows.  Shapes the
+      kernels do not take fall back to "chunked" per layer.
     * "xla" / "cudnn": `jax.nn.dot_product_attention` with the rel-pos term
       materialised as an additive (B, nh, N, N) bias, so XLA (or cuDNN's fused
       flash attention, bfloat16/float16 only) sees one attention op.  Meant
       for accelerators.
-    * "auto" (the default of `Sam`): "chunked" on CPU, "xla" elsewhere,
+    * "auto" (the default of `Sam`): "cpu_kernel" on a single-device CPU
+      where the kernels build, else "chunked" on CPU, "xla" elsewhere,
       decided when the program is traced.  Measured on an H100 (vit_h, batch
       1, before the per-head / row-of-windows loops): float32 chunked 56.1 ms,
       xla 48.1 ms; bfloat16 chunked 42.8, xla 38.3, cudnn 31.5 ms (cudnn is

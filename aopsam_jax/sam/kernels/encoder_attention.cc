@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -155,6 +156,19 @@ __attribute__((noinline)) void logits_tile(const float* qs, int64_t hd, const fl
   }
 }
 
+// exp(row - max) in place over n floats (n % 16 == 0) -> the row's sum.
+// `running_max` holds 16 lanes whose maximum is the row's.
+float softmax_numerators(float* row, int64_t n, __m512 running_max) {
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(running_max));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), mx));
+    _mm512_storeu_ps(row + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 struct AlignedFree {
   void operator()(float* p) const { std::free(p); }
 };
@@ -219,7 +233,8 @@ void run_task(const Problem& p, int64_t b, int64_t head, int64_t ya, int64_t yb)
     gemm(yb - ya, w, q + (ya * w + x) * stride, w * stride, p.rwt + x * hd * w, w, hd,
          rel_w + x * w, w * w, false);
 
-  __m512 row_max[kBlock + kRows];
+  static thread_local std::vector<__m512> row_max;  // one per query of a block
+  row_max.resize(qb);
   float* dst = p.out + b * n * p.c() + head * hd;
   for (int64_t i0 = 0; i0 < rows; i0 += qb) {
     const int64_t m = std::min(qb, rows - i0), t0 = ya * w + i0;  // t0: first query's token
@@ -228,19 +243,9 @@ void run_task(const Problem& p, int64_t b, int64_t head, int64_t ya, int64_t yb)
     for (int64_t i = 0; i < m; ++i) row_max[i] = _mm512_set1_ps(-INFINITY);
     for (int64_t j0 = 0; j0 < n; j0 += kKeyChunk)
       for (int64_t i = 0; i < m; i += kRows)
-        logits_tile(qs + i * hd, hd, kt + j0 * hd, rel_h + (i0 + i) * h, h,
-                    rel_w + (i0 + i) * w, w, j0, j0 / w, j0 % w, w, s + i * ls, ls, row_max + i);
-    for (int64_t i = 0; i < m; ++i) {
-      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(row_max[i]));
-      __m512 acc = _mm512_setzero_ps();
-      float* row = s + i * ls;
-      for (int64_t j = 0; j < n; j += 16) {
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(row + j), mx));
-        _mm512_storeu_ps(row + j, e);
-        acc = _mm512_add_ps(acc, e);
-      }
-      sums[i] = _mm512_reduce_add_ps(acc);
-    }
+        logits_tile(qs + i * hd, hd, kt + j0 * hd, rel_h + (i0 + i) * h, h, rel_w + (i0 + i) * w,
+                    w, j0, j0 / w, j0 % w, w, s + i * ls, ls, row_max.data() + i);
+    for (int64_t i = 0; i < m; ++i) sums[i] = softmax_numerators(s + i * ls, n, row_max[i]);
     for (int64_t k0 = 0; k0 < n; k0 += kPvChunk)
       gemm(m, hd, s + k0, ls, v + k0 * hd, hd, std::min(kPvChunk, n - k0), o, hd, k0 > 0);
     for (int64_t i = 0; i < m; ++i)
@@ -370,17 +375,8 @@ void run_window(const WindowProblem& p, int64_t row, int64_t win, int64_t head) 
         default: window_logits_tile<1>(q4, hd, kt, kp, jv, rh, rw, key_row, key_col, real, s4, ls, row_max); break;
       }
     }
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(row_max[r]));
-      __m512 acc = _mm512_setzero_ps();
-      float* srow = s + (i + r) * ls;
-      for (int64_t j = 0; j < kp; j += 16) {
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(srow + j), mx));
-        _mm512_storeu_ps(srow + j, e);
-        acc = _mm512_add_ps(acc, e);
-      }
-      sums[i + r] = _mm512_reduce_add_ps(acc);
-    }
+    for (int r = 0; r < kRows; ++r)
+      sums[i + r] = softmax_numerators(s + (i + r) * ls, kp, row_max[r]);
   }
   gemm(tqp, hd, s, ls, v, hd, t, o, hd, false);
   float* dst = p.out + (row * ws * p.w + win * ws) * p.c() + head * hd;
