@@ -390,8 +390,10 @@ def image_id_for(path: str, index: int) -> int:
 
 
 def input_problem(path: str) -> Optional[str]:
-  """What makes `path` unusable that a stat can tell (a link that cannot be
-  followed, an empty file), naming the file; None otherwise."""
+  """What makes `path` unusable that a stat or its header can tell (a link
+  that cannot be followed, an empty file, not an image PIL can open), naming
+  the file; None otherwise.  Cheap (nothing decoded, no JAX): a run checks its
+  inputs with it before building a model."""
   if os.path.islink(path) and not os.path.exists(path):
     try:
       os.stat(path)
@@ -399,6 +401,11 @@ def input_problem(path: str) -> Optional[str]:
       return f"{path}: symbolic link that cannot be followed ({e.strerror})"
   if os.path.isfile(path) and os.path.getsize(path) == 0:
     return f"{path}: empty file (0 bytes)"
+  from aopsam_jax.sam.image_io import check_image_file
+  try:
+    check_image_file(path)
+  except (OSError, ValueError) as e:
+    return str(e)
   return None
 
 

@@ -150,6 +150,10 @@ def test_window_kernel_matches_xla_and_formula(n, ws, w, heads, hd):
 def test_auto_picks_the_kernel_on_a_single_cpu_device():
   assert modeling.resolve_attention("auto") == "cpu_kernel"
   assert cpu_kernels.describe() == "native encoder attention (AVX-512)"
+  bad = subprocess.run([sys.executable, "-m", "aopsam_jax.sam.cpu_kernels", "--force"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1
+  assert "'--force'" in bad.stderr
 
 
 CHILD = """

@@ -169,6 +169,24 @@ def test_out_in_the_input_folder_does_not_feed_back(tmp_path):
       (["x/a.png", "y/b_overlay.png"], 1)
 
 
+def test_rerun_with_only_unreadable_images_left_builds_no_model(tmp_path):
+  """--skip-existing with every image done but a file that is not an image:
+  the file is reported from its header alone, no model is built (no jax)."""
+  (tmp_path / "in").mkdir()
+  _image(tmp_path / "in" / "a.png")
+  (tmp_path / "in" / "notes.png").write_text("this is text, not a picture\n")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "a.json").write_text("[]")
+  _image(out / "a_overlay.png", seed=7)
+  proc = run_cli([tmp_path / "in", "--out", out, "--skip-existing"], importtime=True)
+  mods, lines = split_stderr(proc.stderr)
+  assert proc.returncode == 1, proc.stderr
+  assert any(ln.startswith("skipped ") and "notes.png is not an image file PIL can read" in ln
+             for ln in lines), lines
+  assert "1 already there (kept), 1 failed" in "\n".join(lines) and not mods & HEAVY_MODULES
+
+
 def test_prompts_outside_the_image_are_named():
   image = np.zeros((449, 640, 3), np.uint8)
   assert segment.prompts_outside(np.array([[10, 10], [640, 449]]), None, image) is None

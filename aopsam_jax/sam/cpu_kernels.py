@@ -221,5 +221,10 @@ def describe() -> str:
 
 
 if __name__ == "__main__":  # python -m aopsam_jax.sam.cpu_kernels: build now, say what happened
+  if sys.argv[1:]:
+    print(f"python -m aopsam_jax.sam.cpu_kernels takes no arguments (got {sys.argv[1]!r}); it "
+          "builds the native attention kernels if needed and says whether they are used",
+          file=sys.stderr)
+    sys.exit(2)
   print(describe())
   sys.exit(0 if enabled() else 1)

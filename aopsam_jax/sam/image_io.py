@@ -165,6 +165,13 @@ def _open_checked(path: str, max_pixels: Optional[int]):
   return im
 
 
+def check_image_file(path: str) -> None:
+  """Raise the ValueError / OSError `load_image(path)` would for a file PIL
+  cannot open as an image, reading only its header (nothing is decoded, so
+  a truncated image still passes)."""
+  _open_checked(path, None).close()
+
+
 def _orientation(im) -> int:
   try:
     return int(im.getexif().get(0x0112, 1) or 1)
